@@ -1,0 +1,208 @@
+"""``coupon-engine``: the command line (contract section 4).
+
+Exit 0 on success, 2 on bad input with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, Sequence
+
+from . import campaign as cmp
+from .auth import mint_member_token, resolve_secrets
+from .campaign import ID_RE
+from .config import Settings, from_env
+from .embedded import ensure_running
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = from_env()
+    return s.with_overrides(
+        data_dir=getattr(args, "data_dir", None),
+        redis_url=getattr(args, "redis_url", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        workers=getattr(args, "workers", None),
+        campaign_file=getattr(args, "campaign", None),
+        allow_unsafe_redis=True if getattr(args, "allow_unsafe_redis", False) else None,
+    )
+
+
+@contextlib.contextmanager
+def redis_url_for(settings: Settings) -> Iterator[str]:
+    """The configured Redis, or the embedded one of the data directory."""
+    if settings.redis_url:
+        yield settings.redis_url
+    else:
+        with ensure_running(settings.redis_dir) as url:
+            yield url
+
+
+def fail(reason: str) -> int:
+    print(f"coupon-engine: {reason}", file=sys.stderr)
+    return 2
+
+
+def with_redis(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+    from .store import client_for, connect_with_retry
+
+    async def run(url: str) -> int:
+        client = client_for(settings, url, timeout=5.0)
+        try:
+            await connect_with_retry(client, 3)
+            return await fn(client)
+        finally:
+            await client.aclose()
+
+    with redis_url_for(settings) as url:
+        return asyncio.run(run(url))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+    return serve(settings_from(args))
+
+
+def _read_campaign(path: Path) -> cmp.Campaign:
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise cmp.CampaignError(f"cannot read {path}: {exc.strerror}") from None
+    return cmp.parse_campaign(text)
+
+
+def cmd_campaign_check(args: argparse.Namespace) -> int:
+    try:
+        c = _read_campaign(args.file)
+    except cmp.CampaignError as exc:
+        return fail(str(exc))
+    print(f"campaign {c.id}: {len(c.venues)} venues, {len(c.rounds)} rounds, "
+          f"{c.total_stock} coupons, {c.total_stock * c.settlement_fen} of {c.budget_fen} fen")
+    return 0
+
+
+def cmd_campaign_load(args: argparse.Namespace) -> int:
+    from .store import load_campaign
+    try:
+        c = _read_campaign(args.file)
+    except cmp.CampaignError as exc:
+        return fail(str(exc))
+
+    async def load(client: Any) -> int:
+        try:
+            plan = await load_campaign(client, c)
+        except cmp.CampaignError as exc:
+            return fail(str(exc))
+        if plan.noop:
+            print(f"campaign {c.id}: unchanged")
+        else:
+            print(f"campaign {c.id}: loaded ({len(plan.new_rounds)} new rounds, "
+                  f"{len(plan.changed_rounds)} changed)")
+        return 0
+
+    return with_redis(settings_from(args), load)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.kind == "member":
+        if not ID_RE.match(args.id or ""):
+            return fail("member id must be 1-64 characters of A-Za-z0-9_.-")
+        if args.ttl < 1:
+            return fail("--ttl must be positive")
+        print(mint_member_token(resolve_secrets(settings).member_jwt_secret, args.id, args.ttl))
+        return 0
+    if args.kind == "admin":
+        print(resolve_secrets(settings).admin_token)
+        return 0
+    return _venue_token(settings, args)
+
+
+def _venue_token(settings: Settings, args: argparse.Namespace) -> int:
+    from .store import Store, active_campaign
+
+    async def act(client: Any) -> int:
+        c = await active_campaign(client)
+        if c is None:
+            return fail("no campaign is loaded")
+        if c.venue(args.id or "") is None:
+            return fail(f"no venue {args.id!r} in campaign {c.id}")
+        store = Store(client, c, settings)
+        if args.revoke:
+            n = await store.revoke_venue_key(args.id, None if args.revoke == "all" else args.revoke)
+            print(f"revoked {n} key(s) of {args.id}")
+            return 0
+        if args.list:
+            for key_id in await store.list_venue_keys(args.id):
+                print(key_id)
+            return 0
+        print(await store.add_venue_key(args.id))
+        return 0
+
+    return with_redis(settings, act)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="Redis URL (else COUPON_REDIS_URL, else embedded)")
+    p.add_argument("--data-dir", type=Path, help="data directory (else COUPON_DATA_DIR, ./var)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coupon-engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP engine")
+    _common(p)
+    p.add_argument("--campaign", type=Path, help="campaign file to load (default: the sample)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--allow-unsafe-redis", action="store_true",
+                   help="run on a Redis whose settings could lose acknowledged writes")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("campaign", help="check or load a campaign file")
+    csub = p.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("check")
+    c.add_argument("file", type=Path)
+    c.set_defaults(func=cmd_campaign_check)
+    c = csub.add_parser("load")
+    c.add_argument("file", type=Path)
+    _common(c)
+    c.set_defaults(func=cmd_campaign_load)
+
+    p = sub.add_parser("token", help="print a credential the engine accepts")
+    p.add_argument("kind", choices=["member", "venue", "admin"])
+    p.add_argument("id", nargs="?", help="member or venue id")
+    p.add_argument("--ttl", type=int, default=3600, help="member token lifetime, seconds")
+    p.add_argument("--revoke", metavar="KEY_ID|all", help="venue: revoke a key (or all)")
+    p.add_argument("--list", action="store_true", help="venue: list key ids")
+    _common(p)
+    p.set_defaults(func=cmd_token)
+
+    try:
+        from . import cli_ledger
+    except ImportError:  # the ledger commands ship in engine.cli_ledger
+        cli_ledger = None  # type: ignore[assignment]
+    if cli_ledger is not None:
+        cli_ledger.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.command == "token" and args.kind in ("member", "venue") and not args.id:
+        return fail(f"token {args.kind} needs an id")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Coupon codes: 80 random bits in Crockford base32 plus a Luhn mod 32 check.
+
+Canonical form is 17 upper-case characters; people see it grouped as
+``XXXX-XXXX-XXXX-XXXX-C``. Parsing is forgiving in the ways the contract
+fixes (case, spaces, dashes, I/L -> 1, O -> 0) and strict in all others, so a
+mistyped code is caught here, before any store is asked.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_VALUE = {ch: i for i, ch in enumerate(ALPHABET)}
+_N = len(ALPHABET)
+PAYLOAD_LEN = 16
+CODE_LEN = PAYLOAD_LEN + 1
+# Characters people confuse, read as the contract says.
+_FOLD = str.maketrans({"I": "1", "L": "1", "O": "0"})
+_DROP = str.maketrans("", "", " -\t")
+
+
+def check_char(payload: str) -> str:
+    """Luhn mod N check character for ``payload`` (already canonical)."""
+    factor = 2
+    total = 0
+    for ch in reversed(payload):
+        addend = factor * _VALUE[ch]
+        factor = 1 if factor == 2 else 2
+        total += addend // _N + addend % _N
+    return ALPHABET[(_N - total % _N) % _N]
+
+
+def _luhn_ok(code: str) -> bool:
+    factor = 1
+    total = 0
+    for ch in reversed(code):
+        addend = factor * _VALUE[ch]
+        factor = 1 if factor == 2 else 2
+        total += addend // _N + addend % _N
+    return total % _N == 0
+
+
+def new_code() -> str:
+    """A fresh canonical code: 16 random symbols (80 bits) and its check."""
+    bits = secrets.randbits(PAYLOAD_LEN * 5)
+    payload = "".join(ALPHABET[(bits >> (5 * i)) & 31] for i in range(PAYLOAD_LEN))
+    return payload + check_char(payload)
+
+
+def normalize(text: str) -> str | None:
+    """Canonical code for what a person typed or scanned, or None if invalid.
+
+    None covers every malformed input, including a failed check character, so
+    callers answer it exactly like an unknown code.
+    """
+    if not isinstance(text, str) or len(text) > 64:
+        return None
+    code = text.translate(_DROP).upper().translate(_FOLD)
+    if len(code) != CODE_LEN or any(ch not in _VALUE for ch in code):
+        return None
+    return code if _luhn_ok(code) else None
+
+
+def display(code: str) -> str:
+    """``XXXX-XXXX-XXXX-XXXX-C`` for a canonical code."""
+    return "-".join((code[0:4], code[4:8], code[8:12], code[12:16], code[16:]))

@@ -1,0 +1,104 @@
+"""Settings: one typed object, read from the environment in one place.
+
+Command-line flags override the environment; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the engine needs to know about its environment."""
+
+    data_dir: Path = Path("./var")
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    campaign_file: Path | None = None
+    allow_unsafe_redis: bool = False
+    member_jwt_secret: str | None = None
+    admin_token: str | None = None
+    # Seconds a Redis call may take before the request is answered 503.
+    redis_timeout: float = 1.0
+    redis_connect_retries: int = 20
+    # Per-member token bucket, per worker process.
+    member_rate: float = 5.0
+    member_burst: int = 10
+    # Unknown or malformed codes a venue may send per minute before 429.
+    venue_bad_code_limit: int = 30
+    idempotency_ttl_s: int = 86_400
+    archiver: bool = True
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_dir / "redis"
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.redis_dir / "redis.sock"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite3"
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.data_dir / "secrets.json"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.data_dir / "metrics"
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        """Return a copy with the non-None values of ``changes`` applied."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from ``COUPON_*`` environment variables."""
+    env = os.environ if env is None else env
+    s = Settings()
+    changes: dict[str, Any] = {}
+    if v := env.get("COUPON_DATA_DIR"):
+        changes["data_dir"] = Path(v)
+    if v := env.get("COUPON_REDIS_URL"):
+        changes["redis_url"] = v
+    if v := env.get("COUPON_HOST"):
+        changes["host"] = v
+    if v := env.get("COUPON_PORT"):
+        changes["port"] = int(v)
+    if v := env.get("COUPON_WORKERS"):
+        changes["workers"] = int(v)
+    if v := env.get("COUPON_CAMPAIGN"):
+        changes["campaign_file"] = Path(v)
+    if v := env.get("COUPON_ALLOW_UNSAFE_REDIS"):
+        changes["allow_unsafe_redis"] = _bool(v)
+    if v := env.get("COUPON_MEMBER_JWT_SECRET"):
+        changes["member_jwt_secret"] = v
+    if v := env.get("COUPON_ADMIN_TOKEN"):
+        changes["admin_token"] = v
+    if v := env.get("COUPON_REDIS_TIMEOUT"):
+        changes["redis_timeout"] = float(v)
+    if v := env.get("COUPON_MEMBER_RATE"):
+        changes["member_rate"] = float(v)
+    if v := env.get("COUPON_MEMBER_BURST"):
+        changes["member_burst"] = int(v)
+    if v := env.get("COUPON_VENUE_BAD_CODE_LIMIT"):
+        changes["venue_bad_code_limit"] = int(v)
+    if v := env.get("COUPON_ARCHIVER"):
+        changes["archiver"] = _bool(v)
+    if v := env.get("COUPON_LOG_LEVEL"):
+        changes["log_level"] = v.upper()
+    return replace(s, **changes)

@@ -1,0 +1,154 @@
+"""A private redis-server owned by the engine (or by a test session).
+
+It listens only on a unix socket under its directory, keeps an append-only
+file with the settings the engine's durability promise needs, and is stopped
+with SHUTDOWN (which fsyncs) by whoever started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger("engine.embedded")
+
+SAFE_CONFIG = {
+    "appendonly": "yes",
+    "appendfsync": "always",
+    "no-appendfsync-on-rewrite": "no",
+    "aof-load-truncated": "no",
+    "maxmemory-policy": "noeviction",
+}
+
+
+class EmbeddedRedisError(RuntimeError):
+    pass
+
+
+@dataclass
+class EmbeddedRedis:
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0  # 0: unix socket only
+
+    @property
+    def socket_path(self) -> Path:
+        return self.directory / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        if self.port:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.socket_path.resolve()}"
+
+    def config_lines(self, extra: dict[str, str] | None = None) -> list[str]:
+        conf = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "unixsocket": str(self.socket_path.resolve()),
+            "unixsocketperm": "700",
+            "dir": str(self.directory.resolve()),
+            "appenddirname": "appendonly",
+            "dbfilename": "dump.rdb",
+            "save": '""',
+            "daemonize": "no",
+            "protected-mode": "yes",
+            "logfile": str((self.directory / "redis.log").resolve()),
+            "pidfile": str((self.directory / "redis.pid").resolve()),
+            **SAFE_CONFIG,
+            **(extra or {}),
+        }
+        return [f"{k} {v}" for k, v in conf.items()]
+
+    def start(self, extra: dict[str, str] | None = None, timeout: float = 10.0) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise EmbeddedRedisError(
+                "redis-server is not installed; install it with: apt-get install redis-server")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.exists() and _answers(self.socket_path):
+            raise EmbeddedRedisError(
+                f"a redis-server already listens on {self.socket_path}; is another engine"
+                " running on this data directory?")
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        conf = self.directory / "redis.conf"
+        conf.write_text("\n".join(self.config_lines(extra)) + "\n")
+        self.process = subprocess.Popen([exe, str(conf)], stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedRedisError(
+                    f"redis-server exited with {self.process.returncode}; see "
+                    f"{self.directory / 'redis.log'}")
+            if self.socket_path.exists() and _answers(self.socket_path):
+                log.info("embedded redis-server pid %d on %s", self.process.pid, self.url)
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedRedisError("redis-server did not start in time")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        p, self.process = self.process, None
+        if p is None or p.poll() is not None:
+            return
+        # SIGTERM makes redis-server fsync the AOF and exit cleanly.
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("redis-server pid %d did not stop; killing it", p.pid)
+            p.kill()
+            p.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; for fault tests."""
+        p, self.process = self.process, None
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _answers(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(str(path))
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def ensure_running(directory: Path) -> Iterator[str]:
+    """URL of the embedded Redis in ``directory``: the live one, or one started
+    for the duration of the block (commands run while ``serve`` is down)."""
+    sock = directory / "redis.sock"
+    if sock.exists() and _answers(sock):
+        yield f"unix://{sock.resolve()}"
+        return
+    r = EmbeddedRedis(directory)
+    r.start()
+    try:
+        yield r.url
+    finally:
+        r.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,153 @@
+"""HTTP handlers: parse, authenticate, call the Engine, encode. Nothing else."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import errors, qr
+from .domain import parse_rfc3339
+from .schemas import (CouponReply, CouponsReply, RedemptionsReply, RoundReply, RoundsReply,
+                      encoder, grab_decoder, redeem_decoder)
+from .service import Engine
+
+ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
+READY: web.AppKey[dict[str, bool]] = web.AppKey("ready", dict)
+OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
+
+MAX_BODY = 4096
+_IDEM_RE = re.compile(r"^[\x21-\x7e]{1,64}$")
+_JSON = "application/json"
+
+
+def json_response(payload: object, status: int = 200) -> web.Response:
+    return web.Response(body=encoder.encode(payload), status=status, content_type=_JSON)
+
+
+async def _body(request: web.Request, decoder: msgspec.json.Decoder) -> object:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise errors.InvalidRequest(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise errors.InvalidRequest(f"body is not valid JSON: {exc}") from None
+
+
+async def grab(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    member = engine.member(request.headers.get("Authorization"))
+    idem = request.headers.get("Idempotency-Key")
+    if idem is not None and not _IDEM_RE.match(idem):
+        raise errors.InvalidRequest("Idempotency-Key must be 1-64 printable ASCII characters")
+    body = await _body(request, grab_decoder)
+    engine.rate_limit_member(member)
+    coupon, _ = await engine.grab(member, request.match_info["round_id"],
+                                  body.venue_id, idem)  # type: ignore[attr-defined]
+    return json_response(CouponReply(coupon), status=201)
+
+
+async def my_coupons(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    member = engine.member(request.headers.get("Authorization"))
+    return json_response(CouponsReply(await engine.my_coupons(member)))
+
+
+async def void_coupon(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    member = engine.member(request.headers.get("Authorization"))
+    engine.rate_limit_member(member)
+    return json_response(CouponReply(await engine.void(member, request.match_info["code"])))
+
+
+async def coupon_qr(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    member = engine.member(request.headers.get("Authorization"))
+    coupon = await engine.my_coupon(member, request.match_info["code"])
+    return web.Response(body=qr.svg(coupon.code), content_type="image/svg+xml")
+
+
+async def rounds(request: web.Request) -> web.Response:
+    return json_response(RoundsReply(request.app[ENGINE].rounds()))
+
+
+async def round_(request: web.Request) -> web.Response:
+    return json_response(RoundReply(request.app[ENGINE].round(request.match_info["round_id"])))
+
+
+async def venue_coupon(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    venue = await engine.venue(request.headers.get("Authorization"))
+    return json_response(CouponReply(await engine.venue_lookup(venue, request.match_info["code"])))
+
+
+async def redeem(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    venue = await engine.venue(request.headers.get("Authorization"))
+    body = await _body(request, redeem_decoder)
+    return json_response(CouponReply(await engine.redeem(venue, body.code)))  # type: ignore[attr-defined]
+
+
+async def venue_redemptions(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    venue = await engine.venue(request.headers.get("Authorization"))
+    since_text = request.query.get("since")
+    since = 0
+    if since_text is not None:
+        try:
+            since = parse_rfc3339(since_text)
+        except ValueError:
+            raise errors.InvalidRequest("since must be an RFC 3339 time with an offset") from None
+    return json_response(RedemptionsReply(await engine.venue_redemptions(venue, since)))
+
+
+async def admin_stats(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    engine.admin(request.headers.get("Authorization"))
+    return json_response(await engine.round_stats(request.match_info["round_id"]))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if not await engine.store.ping():
+        raise errors.NotReady("redis does not answer", headers={"Retry-After": "1"})
+    return json_response({"status": "ready", "campaign_id": engine.campaign.id})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = generate_latest(engine.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type=_JSON)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/rounds/{round_id}/grab", grab)
+    r.add_get("/v1/me/coupons", my_coupons)
+    r.add_delete("/v1/me/coupons/{code}", void_coupon)
+    r.add_get("/v1/me/coupons/{code}/qr.svg", coupon_qr)
+    r.add_get("/v1/rounds", rounds)
+    r.add_get("/v1/rounds/{round_id}", round_)
+    r.add_get("/v1/venue/coupons/{code}", venue_coupon)
+    r.add_post("/v1/venue/redemptions", redeem)
+    r.add_get("/v1/venue/redemptions", venue_redemptions)
+    r.add_get("/v1/admin/rounds/{round_id}/stats", admin_stats)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)

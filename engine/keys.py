@@ -1,0 +1,76 @@
+"""Every Redis key the engine uses, in one place (see docs/keys.md).
+
+All keys of a campaign carry the hash tag ``{<campaign id>}``, so every
+script call touches one Redis Cluster slot and never raises CROSSSLOT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "cpn"
+# The one key outside any campaign: which campaign this Redis serves.
+ACTIVE = f"{PREFIX}:active"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    campaign_id: str
+
+    @property
+    def tag(self) -> str:
+        return f"{PREFIX}:{{{self.campaign_id}}}"
+
+    @property
+    def campaign(self) -> str:
+        """Hash: the campaign's economics, quota and its JSON document."""
+        return f"{self.tag}:campaign"
+
+    def round(self, round_id: str) -> str:
+        """Hash: opens/closes/valid times (ms) and member_round_quota."""
+        return f"{self.tag}:round:{round_id}"
+
+    @property
+    def stock(self) -> str:
+        """Hash: '<round>:<venue>' -> remaining stock (one field per stock line)."""
+        return f"{self.tag}:stock"
+
+    @property
+    def stats(self) -> str:
+        """Hash: '<counter>:<round>:<venue>' -> count, counter one of initial, issued,
+        void, returned_open, returned_closed, redeemed."""
+        return f"{self.tag}:stats"
+
+    def member(self, member_id: str) -> str:
+        """Hash: 'total' and 'r:<round>' -> coupons the member was granted."""
+        return f"{self.tag}:member:{member_id}"
+
+    def member_coupons(self, member_id: str) -> str:
+        """List: the member's codes, newest first."""
+        return f"{self.tag}:mcoupons:{member_id}"
+
+    def coupon(self, code: str) -> str:
+        """Hash: one coupon's record, by canonical code."""
+        return f"{self.tag}:coupon:{code}"
+
+    def idempotency(self, member_id: str, key: str) -> str:
+        """String: '<fingerprint>|<code>' of a granted request, 24 h."""
+        return f"{self.tag}:idem:{member_id}:{key}"
+
+    def venue_redemptions(self, venue_id: str) -> str:
+        """Sorted set: codes redeemed at the venue, scored by redemption time (ms)."""
+        return f"{self.tag}:vredeemed:{venue_id}"
+
+    def venue_keys(self, venue_id: str) -> str:
+        """Hash: venue API key id -> sha256 of the key."""
+        return f"{self.tag}:vkeys:{venue_id}"
+
+    @property
+    def events(self) -> str:
+        """Stream: every state change, read by the ledger archiver."""
+        return f"{self.tag}:events"
+
+    @property
+    def notify_channel(self) -> str:
+        """Pub/sub channel: stock returned / round changes, for worker caches."""
+        return f"{self.tag}:notify"

@@ -1,0 +1,99 @@
+"""Wire bodies: msgspec Structs, encoders and decoders built once at import."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+Ident = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+CodeText = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class Body(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Base of every request body: unknown fields are a 400."""
+
+
+class GrabRequest(Body):
+    venue_id: Ident
+
+
+class RedeemRequest(Body):
+    code: CodeText
+
+
+class Coupon(msgspec.Struct, frozen=True):
+    code: str
+    campaign_id: str
+    round_id: str
+    venue_id: str
+    member_id: str
+    status: Literal["issued", "redeemed", "void"]
+    issued_at: str
+    valid_from: str
+    valid_until: str
+    face_value_fen: int
+    member_price_fen: int
+    redeemed_at: str | None
+
+
+class VenueStock(msgspec.Struct, frozen=True):
+    venue_id: str
+    name: str
+    kind: str
+    stock: int
+    remaining: int
+
+
+class RoundView(msgspec.Struct, frozen=True):
+    id: str
+    opens_at: str
+    closes_at: str
+    state: Literal["scheduled", "open", "closed"]
+    member_round_quota: int
+    venues: list[VenueStock]
+
+
+class VenueStats(msgspec.Struct, frozen=True):
+    venue_id: str
+    name: str
+    stock: int
+    remaining: int
+    issued: int
+    void: int
+    returned_open: int
+    returned_closed: int
+    redeemed: int
+
+
+class RoundStats(msgspec.Struct, frozen=True):
+    round_id: str
+    state: Literal["scheduled", "open", "closed"]
+    venues: list[VenueStats]
+    totals: dict[str, int]
+
+
+class CouponReply(msgspec.Struct, frozen=True):
+    coupon: Coupon
+
+
+class CouponsReply(msgspec.Struct, frozen=True):
+    coupons: list[Coupon]
+
+
+class RedemptionsReply(msgspec.Struct, frozen=True):
+    redemptions: list[Coupon]
+
+
+class RoundReply(msgspec.Struct, frozen=True):
+    round: RoundView
+
+
+class RoundsReply(msgspec.Struct, frozen=True):
+    rounds: list[RoundView]
+
+
+encoder = msgspec.json.Encoder()
+grab_decoder = msgspec.json.Decoder(GrabRequest)
+redeem_decoder = msgspec.json.Decoder(RedeemRequest)

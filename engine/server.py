@@ -1,0 +1,156 @@
+"""``coupon-engine serve``: Redis (embedded or checked), campaign, worker processes.
+
+The parent owns the embedded redis-server and the workers; workers share the
+port through SO_REUSEPORT. SIGTERM or SIGINT drains: workers stop accepting,
+finish what they hold, then the parent stops Redis (which fsyncs its AOF).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import signal
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from . import campaign as cmp
+from .app import create_app
+from .auth import resolve_secrets
+from .config import Settings
+from .domain import rfc3339, utc_now_ms
+from .embedded import EmbeddedRedis
+from .store import (active_campaign, check_safety, client_for, connect_with_retry,
+                    load_campaign, redis_time_ms)
+
+log = logging.getLogger("engine.server")
+
+
+class ServeError(RuntimeError):
+    """A reason ``serve`` refuses to start, printed as one line."""
+
+
+def sample_campaign_text() -> str:
+    from importlib import resources
+    return resources.files("engine.data").joinpath("sample_campaign.toml").read_text("utf-8")
+
+
+async def prepare(settings: Settings, url: str, embedded: bool) -> cmp.Campaign:
+    """Check Redis, load the campaign; return what the workers will serve."""
+    client = client_for(settings, url, timeout=5.0)
+    try:
+        await connect_with_retry(client, settings.redis_connect_retries)
+        if not embedded:
+            problems = await check_safety(client)
+            if problems and not settings.allow_unsafe_redis:
+                raise ServeError("this Redis could lose acknowledged coupons: "
+                                 + "; ".join(problems) + " (or pass --allow-unsafe-redis)")
+            for p in problems:
+                log.warning("unsafe Redis setting accepted: %s", p)
+        if settings.campaign_file is not None:
+            new = cmp.parse_campaign(Path(settings.campaign_file).read_text("utf-8"))
+            plan = await load_campaign(client, new)
+            log.info("campaign %s %s", new.id, "unchanged" if plan.noop else "loaded")
+        else:
+            current = await active_campaign(client)
+            if current is None:
+                sample = cmp.parse_campaign(sample_campaign_text())
+                now = await redis_time_ms(client)
+                new = cmp.shifted_for_demo(sample, now)
+                await load_campaign(client, new)
+                log.info("loaded the sample campaign %s, first round opens in 60 s", new.id)
+            else:
+                log.info("serving the campaign already loaded: %s", current.id)
+        loaded = await active_campaign(client)
+        assert loaded is not None
+        for r in loaded.rounds:
+            log.info("round %s: opens %s, closes %s, %d coupons over %d venues", r.id,
+                     rfc3339(r.opens_at_ms, loaded.timezone),
+                     rfc3339(r.closes_at_ms, loaded.timezone), sum(r.stock.values()),
+                     len(r.stock))
+        return loaded
+    finally:
+        await client.aclose()
+
+
+async def run_worker(settings: Settings, url: str, index: int) -> None:
+    app = create_app(settings, url)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=4096)
+    await site.start()
+    log.info("worker %d listening on http://%s:%d", index, settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker %d draining", index)
+    await runner.cleanup()
+
+
+def worker_main(settings: Settings, url: str, index: int) -> None:
+    _setup_logging(settings.log_level)
+    import uvloop
+    uvloop.run(run_worker(settings, url, index))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
+
+
+def serve(settings: Settings) -> int:
+    _setup_logging(settings.log_level)
+    redis: EmbeddedRedis | None = None
+    url = settings.redis_url
+    if url is None:
+        redis = EmbeddedRedis(settings.redis_dir)
+        redis.start()
+        url = redis.url
+        log.info("embedded redis-server with appendfsync always in %s", settings.redis_dir)
+    procs: list[mp.process.BaseProcess] = []
+    try:
+        resolve_secrets(settings)
+        asyncio.run(prepare(settings, url, embedded=redis is not None))
+        ctx = mp.get_context("spawn")
+        for i in range(max(1, settings.workers)):
+            p = ctx.Process(target=worker_main, args=(settings, url, i), name=f"worker-{i}")
+            p.start()
+            procs.append(p)
+        stopping = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        log.info("engine up at %s (started %s UTC ms)", f"http://{settings.host}:{settings.port}",
+                 utc_now_ms())
+        while not stopping:
+            for i, p in enumerate(procs):
+                if not p.is_alive() and not stopping:
+                    log.error("worker %d exited with %s; restarting it", i, p.exitcode)
+                    procs[i] = ctx.Process(target=worker_main, args=(settings, url, i),
+                                           name=f"worker-{i}")
+                    procs[i].start()
+            time.sleep(0.2)
+        return 0
+    except (ServeError, cmp.CampaignError) as exc:
+        print(f"coupon-engine: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+        if redis is not None:
+            redis.stop()
+            log.info("embedded redis-server stopped")

@@ -1,0 +1,341 @@
+"""The engine's use cases, between HTTP handlers and the store.
+
+Holds each worker's cached knowledge (the campaign, remaining stock, sold-out
+venues, the offset of Redis's clock) and turns script outcomes into Coupons
+or contract errors. Imports neither aiohttp nor redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import codes, errors
+from .auth import MemberVerifier, Secrets, bearer, check_admin
+from .campaign import ID_RE, Campaign
+from .domain import coupon_from_record, rfc3339, round_state
+from .metrics import Metrics
+from .ratelimit import FailureWindow, TokenBucket, retry_after
+from .schemas import Coupon, RoundStats, RoundView, VenueStats, VenueStock
+from .scripts import GrabOutcome, RedeemOutcome, VoidOutcome
+from .store import GrabResult, Store
+
+log = logging.getLogger("engine.service")
+
+# A round is answered "not open" without Redis only this long before opening
+# (by the Redis clock as this worker estimates it), and "closed" only this long after.
+CLOCK_MARGIN_MS = 500
+POLL_INTERVAL_S = 0.5
+
+
+@dataclass
+class WorkerState:
+    """What one worker process knows without asking Redis."""
+
+    campaign: Campaign
+    remaining: dict[str, int] = field(default_factory=dict)
+    sold_out: set[str] = field(default_factory=set)
+    # redis_time_ms - local_time_ms, from the last script reply.
+    clock_offset_ms: float = 0.0
+    fingerprint: str = ""
+
+    def redis_now_ms(self) -> float:
+        return time.time() * 1000 + self.clock_offset_ms
+
+    def observe_clock(self, redis_now_ms: int) -> None:
+        self.clock_offset_ms = redis_now_ms - time.time() * 1000
+
+
+class Engine:
+    def __init__(self, store: Store, secrets: Secrets, *, member_rate: float,
+                 member_burst: int, venue_bad_code_limit: int,
+                 metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.state = WorkerState(store.campaign, fingerprint=store.campaign.fingerprint())
+        self.secrets = secrets
+        self.members = MemberVerifier(secrets.member_jwt_secret, ID_RE)
+        self.member_limit = TokenBucket(member_rate, member_burst)
+        self.venue_failures = FailureWindow(venue_bad_code_limit)
+        self.metrics = metrics or Metrics.disabled()
+        self._venue_cache: dict[str, tuple[str, float]] = {}
+
+    @property
+    def campaign(self) -> Campaign:
+        return self.state.campaign
+
+    # Credentials
+
+    def member(self, authorization: str | None) -> str:
+        return self.members.verify(bearer(authorization))
+
+    def admin(self, authorization: str | None) -> None:
+        check_admin(bearer(authorization), self.secrets.admin_token)
+
+    async def venue(self, authorization: str | None) -> str:
+        token = bearer(authorization)
+        now = time.monotonic()
+        hit = self._venue_cache.get(token)
+        # Cached for a few seconds: a revoked key stops working within that time.
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        venue_id = await self.store.venue_for_key(token)
+        if venue_id is None:
+            raise errors.Unauthorized("invalid venue key")
+        if len(self._venue_cache) > 10_000:
+            self._venue_cache.clear()
+        self._venue_cache[token] = (venue_id, now + 5.0)
+        return venue_id
+
+    def rate_limit_member(self, member_id: str) -> None:
+        wait = self.member_limit.take(member_id, time.monotonic())
+        if wait:
+            raise errors.RateLimited(headers={"Retry-After": retry_after(wait)})
+
+    # Members
+
+    async def grab(self, member_id: str, round_id: str, venue_id: str,
+                   idem_key: str | None) -> tuple[Coupon, bool]:
+        """(coupon, replayed) or a contract error."""
+        c = self.campaign
+        r = c.round(round_id)
+        if r is None:
+            self.metrics.grab(round_id, "round_not_found")
+            raise errors.RoundNotFound()
+        if venue_id not in r.stock:
+            self.metrics.grab(round_id, "venue_not_found")
+            raise errors.VenueNotFound()
+        now = self.state.redis_now_ms()
+        if now < r.opens_at_ms - CLOCK_MARGIN_MS:
+            self.metrics.grab(round_id, "round_not_open")
+            raise errors.RoundNotOpen(opens_at=rfc3339(r.opens_at_ms, c.timezone))
+        if now > r.closes_at_ms + CLOCK_MARGIN_MS:
+            self.metrics.grab(round_id, "round_closed")
+            raise errors.RoundClosed()
+        line = f"{round_id}:{venue_id}"
+        if line in self.state.sold_out and (
+                idem_key is None or not await self.store.has_idempotency(member_id, idem_key)):
+            # A keyed retry of a request that was granted must still find its coupon.
+            self.metrics.grab(round_id, "sold_out")
+            raise errors.SoldOut()
+        res = await self.store.grab(round_id, venue_id, member_id, idem_key)
+        self.state.observe_clock(res.now_ms)
+        self.metrics.grab(round_id, res.outcome.name.lower())
+        return self._grab_reply(res, member_id, round_id, venue_id, line), \
+            res.outcome is GrabOutcome.REPLAYED
+
+    def _grab_reply(self, res: GrabResult, member_id: str, round_id: str, venue_id: str,
+                    line: str) -> Coupon:
+        c = self.campaign
+        oc = res.outcome
+        if oc in (GrabOutcome.GRANTED, GrabOutcome.REPLAYED):
+            if oc is GrabOutcome.GRANTED:
+                if res.remaining <= 0:
+                    self.state.sold_out.add(line)
+                self.state.remaining[line] = res.remaining
+                self.metrics.issued(round_id, venue_id)
+            # A replay returns the first result again: the coupon as it was issued.
+            return coupon_from_record(c, res.code, {
+                "round": round_id, "venue": venue_id, "member": member_id,
+                "status": "issued", "issued_at": str(res.issued_at_ms),
+                "valid_from": str(res.valid_from_ms), "valid_until": str(res.valid_until_ms)})
+        if oc is GrabOutcome.SOLD_OUT:
+            self.state.sold_out.add(line)
+            raise errors.SoldOut()
+        if oc is GrabOutcome.ROUND_NOT_OPEN:
+            raise errors.RoundNotOpen(opens_at=rfc3339(res.edge_ms, c.timezone))
+        if oc is GrabOutcome.ROUND_CLOSED:
+            raise errors.RoundClosed()
+        if oc is GrabOutcome.ROUND_QUOTA:
+            raise errors.RoundQuotaExceeded()
+        if oc is GrabOutcome.CAMPAIGN_QUOTA:
+            raise errors.CampaignQuotaExceeded()
+        if oc is GrabOutcome.IDEMPOTENCY_REUSED:
+            raise errors.IdempotencyKeyReused()
+        if oc is GrabOutcome.ROUND_NOT_FOUND:
+            raise errors.RoundNotFound()
+        if oc is GrabOutcome.VENUE_NOT_FOUND:
+            raise errors.VenueNotFound()
+        raise RuntimeError(f"grab.lua refused its arguments: {oc.name} {res.message}")
+
+    async def my_coupons(self, member_id: str) -> list[Coupon]:
+        rows = await self.store.member_coupons(member_id)
+        return [coupon_from_record(self.campaign, code, rec) for code, rec in rows]
+
+    async def my_coupon(self, member_id: str, text: str) -> Coupon:
+        code = codes.normalize(text)
+        rec = await self.store.coupon(code) if code else None
+        if code is None or rec is None or rec.get("member") != member_id:
+            raise errors.CouponNotFound()
+        return coupon_from_record(self.campaign, code, rec)
+
+    async def void(self, member_id: str, text: str) -> Coupon:
+        code = codes.normalize(text)
+        if code is None:
+            raise errors.CouponNotFound()
+        res = await self.store.void(member_id, code)
+        self.state.observe_clock(res.now_ms)
+        oc = res.outcome
+        if oc is VoidOutcome.VOIDED:
+            rec = res.record
+            line = f"{rec['round']}:{rec['venue']}"
+            if res.restocked:
+                self.state.sold_out.discard(line)
+            self.metrics.voided(rec["round"], rec["venue"])
+            return coupon_from_record(self.campaign, code, rec)
+        if oc is VoidOutcome.NOT_FOUND:
+            raise errors.CouponNotFound()
+        if oc is VoidOutcome.ALREADY_REDEEMED:
+            raise errors.AlreadyRedeemed(redeemed_at=rfc3339(res.at_ms, self.campaign.timezone))
+        raise errors.AlreadyVoid()
+
+    # Venues
+
+    def _venue_code(self, venue_id: str, text: str) -> str:
+        """Canonical code, or a 404 counted against the venue's failure budget."""
+        now = time.monotonic()
+        wait = self.venue_failures.blocked_for(venue_id, now)
+        if wait:
+            self.metrics.redemption(venue_id, "rate_limited")
+            raise errors.RateLimited(headers={"Retry-After": retry_after(wait)})
+        code = codes.normalize(text)
+        if code is None:
+            self.venue_failures.fail(venue_id, now)
+            self.metrics.redemption(venue_id, "malformed")
+            raise errors.CouponNotFound()
+        return code
+
+    async def venue_lookup(self, venue_id: str, text: str) -> Coupon:
+        code = self._venue_code(venue_id, text)
+        rec = await self.store.coupon(code)
+        if rec is None:
+            self.venue_failures.fail(venue_id, time.monotonic())
+            self.metrics.redemption(venue_id, "lookup_not_found")
+            raise errors.CouponNotFound()
+        if rec["venue"] != venue_id:
+            self.metrics.redemption(venue_id, "lookup_wrong_venue")
+            raise errors.WrongVenue()
+        self.metrics.redemption(venue_id, "lookup")
+        return coupon_from_record(self.campaign, code, rec)
+
+    async def redeem(self, venue_id: str, text: str) -> Coupon:
+        code = self._venue_code(venue_id, text)
+        res = await self.store.redeem(venue_id, code)
+        self.state.observe_clock(res.now_ms)
+        oc = res.outcome
+        self.metrics.redemption(venue_id, oc.name.lower())
+        tz = self.campaign.timezone
+        if oc is RedeemOutcome.REDEEMED:
+            self.metrics.redeemed(res.record["round"], venue_id)
+            return coupon_from_record(self.campaign, code, res.record)
+        if oc is RedeemOutcome.NOT_FOUND:
+            self.venue_failures.fail(venue_id, time.monotonic())
+            raise errors.CouponNotFound()
+        if oc is RedeemOutcome.WRONG_VENUE:
+            raise errors.WrongVenue()
+        if oc is RedeemOutcome.ALREADY_REDEEMED:
+            raise errors.AlreadyRedeemed(redeemed_at=rfc3339(res.at_ms, tz))
+        if oc is RedeemOutcome.VOID:
+            raise errors.CouponVoid()
+        if oc is RedeemOutcome.NOT_YET_VALID:
+            raise errors.CouponNotYetValid(valid_from=rfc3339(res.at_ms, tz))
+        raise errors.CouponExpired(valid_until=rfc3339(res.at_ms, tz))
+
+    async def venue_redemptions(self, venue_id: str, since_ms: int) -> list[Coupon]:
+        rows = await self.store.venue_redemptions(venue_id, since_ms)
+        return [coupon_from_record(self.campaign, code, rec) for code, rec in rows]
+
+    # Public and operators
+
+    def rounds(self) -> list[RoundView]:
+        return [self._round_view(r.id) for r in self.campaign.rounds]
+
+    def round(self, round_id: str) -> RoundView:
+        if self.campaign.round(round_id) is None:
+            raise errors.RoundNotFound()
+        return self._round_view(round_id)
+
+    def _round_view(self, round_id: str) -> RoundView:
+        c = self.campaign
+        r = c.round(round_id)
+        assert r is not None
+        venues = []
+        for vid, stock in r.stock.items():
+            v = c.venue(vid)
+            venues.append(VenueStock(
+                venue_id=vid, name=v.name if v else vid, kind=v.kind if v else "",
+                stock=stock, remaining=self.state.remaining.get(f"{round_id}:{vid}", stock)))
+        return RoundView(
+            id=r.id, opens_at=rfc3339(r.opens_at_ms, c.timezone),
+            closes_at=rfc3339(r.closes_at_ms, c.timezone),
+            state=round_state(r, int(self.state.redis_now_ms())),
+            member_round_quota=r.member_round_quota, venues=venues)
+
+    async def round_stats(self, round_id: str) -> RoundStats:
+        c = self.campaign
+        r = c.round(round_id)
+        if r is None:
+            raise errors.RoundNotFound()
+        stats = await self.store.stats()
+        stock = await self.store.stock()
+        now = await self.store.time_ms()
+        rows = []
+        totals = {k: 0 for k in ("stock", "remaining", "issued", "void", "returned_open",
+                                 "returned_closed", "redeemed")}
+        for vid in r.stock:
+            line = f"{round_id}:{vid}"
+            v = c.venue(vid)
+            row = VenueStats(
+                venue_id=vid, name=v.name if v else vid,
+                stock=stats.get(f"initial:{line}", 0), remaining=stock.get(line, 0),
+                issued=stats.get(f"issued:{line}", 0), void=stats.get(f"void:{line}", 0),
+                returned_open=stats.get(f"returned_open:{line}", 0),
+                returned_closed=stats.get(f"returned_closed:{line}", 0),
+                redeemed=stats.get(f"redeemed:{line}", 0))
+            rows.append(row)
+            for k in totals:
+                totals[k] += getattr(row, k)
+        return RoundStats(round_id=round_id, state=round_state(r, now), venues=rows,
+                          totals=totals)
+
+    # Background: keep the worker's knowledge fresh
+
+    async def refresh(self) -> None:
+        """Re-read remaining stock and the campaign if it changed; clear stale sold-out flags."""
+        stock = await self.store.stock()
+        self.state.remaining = stock
+        for line in [x for x in self.state.sold_out if stock.get(x, 0) > 0]:
+            self.state.sold_out.discard(line)
+        self.state.observe_clock(await self.store.time_ms())
+        fp = await self.store.campaign_fingerprint()
+        if fp and fp != self.state.fingerprint:
+            new = await self.store.reload_campaign()
+            if new is not None:
+                self.state.campaign = new
+                self.state.fingerprint = fp
+                log.info("campaign %s reloaded (fingerprint %s)", new.id, fp[:12])
+
+    async def poll_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except errors.Unavailable as exc:
+                log.warning("state poll failed: %s", exc.message)
+            except Exception:  # noqa: BLE001 - the poller must outlive any one bad poll
+                log.exception("state poll failed")
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def listen_forever(self) -> None:
+        """Clear sold-out flags the moment a void returns stock to an open round."""
+        while True:
+            try:
+                async for msg in self.store.subscribe_notifications():
+                    kind, _, line = msg.partition(" ")
+                    if kind == "restock":
+                        self.state.sold_out.discard(line)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnect after any failure
+                log.warning("notification channel lost (%s); reconnecting", exc)
+                await asyncio.sleep(1.0)

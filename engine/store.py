@@ -1,0 +1,345 @@
+"""Everything the engine keeps in Redis, behind one class.
+
+Scripts are registered once per connection and called by SHA (redis-py
+reloads a script after a server restart wiped its cache). Every Redis
+failure leaves here as ``errors.Unavailable`` so the HTTP layer answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+
+from . import campaign as cmp
+from . import codes, keys, scripts
+from .campaign import Campaign, UpdatePlan
+from .config import Settings
+from .domain import pairs_to_dict
+from .errors import Unavailable
+from .scripts import GrabOutcome, RedeemOutcome, VoidOutcome
+
+log = logging.getLogger("engine.store")
+T = TypeVar("T")
+
+# What the engine requires of Redis so that nothing acknowledged is lost.
+REQUIRED_CONFIG = {
+    "appendonly": "yes",
+    "appendfsync": "always",
+    "no-appendfsync-on-rewrite": "no",
+    "aof-load-truncated": "no",
+    "maxmemory-policy": "noeviction",
+}
+_CODE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class GrabResult:
+    outcome: GrabOutcome
+    now_ms: int
+    code: str = ""
+    issued_at_ms: int = 0
+    valid_from_ms: int = 0
+    valid_until_ms: int = 0
+    remaining: int = -1
+    edge_ms: int = 0  # opens_at for ROUND_NOT_OPEN, closes_at for ROUND_CLOSED
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeResult:
+    """Outcome of redeem.lua or void.lua."""
+
+    outcome: RedeemOutcome | VoidOutcome
+    now_ms: int
+    record: dict[str, str]
+    at_ms: int = 0  # redeemed_at for ALREADY_REDEEMED, valid edge for validity errors
+    restocked: bool = False
+
+
+def _redis_errors_to_unavailable(exc: Exception) -> Unavailable:
+    return Unavailable(f"store unavailable: {type(exc).__name__}", headers={"Retry-After": "1"})
+
+
+async def guarded(op: Awaitable[T]) -> T:
+    """Await a Redis operation; any store failure becomes a 503 ``unavailable``."""
+    try:
+        return await op
+    except (rex.ConnectionError, rex.TimeoutError, asyncio.TimeoutError, OSError) as exc:
+        raise _redis_errors_to_unavailable(exc) from exc
+    except rex.ResponseError as exc:
+        # OOM, LOADING, READONLY, MASTERDOWN: the store refuses writes for now.
+        if str(exc).split(" ", 1)[0] in {"OOM", "LOADING", "READONLY", "MASTERDOWN", "BUSY"}:
+            raise _redis_errors_to_unavailable(exc) from exc
+        raise
+
+
+def client_for(settings: Settings, url: str, *, timeout: float | None = None) -> aioredis.Redis:
+    t = settings.redis_timeout if timeout is None else timeout
+    return aioredis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=t, socket_connect_timeout=t,
+        retry_on_timeout=False, health_check_interval=0, max_connections=256)
+
+
+async def connect_with_retry(client: aioredis.Redis, attempts: int,
+                             delay: float = 0.25) -> None:
+    """PING until Redis answers, a bounded number of times, logging each miss."""
+    for i in range(1, attempts + 1):
+        try:
+            await client.ping()
+            return
+        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            if i == attempts:
+                raise
+            log.warning("redis not answering (%s), attempt %d/%d", exc, i, attempts)
+            await asyncio.sleep(min(delay * i, 2.0))
+
+
+async def check_safety(client: aioredis.Redis) -> list[str]:
+    """Settings of this Redis that break the engine's durability promise."""
+    problems = []
+    try:
+        for name, want in REQUIRED_CONFIG.items():
+            got = (await client.config_get(name)).get(name)
+            if got != want:
+                problems.append(f"{name} is {got!r}, the engine needs {want!r}")
+    except rex.ResponseError as exc:
+        problems.append(f"cannot read CONFIG ({exc}); durability cannot be verified")
+    return problems
+
+
+async def redis_time_ms(client: aioredis.Redis) -> int:
+    sec, usec = await client.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+async def active_campaign(client: aioredis.Redis) -> Campaign | None:
+    cid = await client.get(keys.ACTIVE)
+    if cid is None:
+        return None
+    doc = await client.hget(keys.Keys(cid).campaign, "doc")
+    return cmp.from_json(doc) if doc else None
+
+
+async def load_campaign(client: aioredis.Redis, new: Campaign) -> UpdatePlan:
+    """Load or update the campaign atomically; CampaignError leaves Redis untouched."""
+    k = keys.Keys(new.id)
+    async with client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(keys.ACTIVE, k.campaign)
+                old = await active_campaign(pipe)
+                if old is not None and old.id != new.id:
+                    raise cmp.CampaignError(
+                        f"this engine holds campaign {old.id!r}; refusing to load {new.id!r}")
+                now = await redis_time_ms(pipe)
+                plan = cmp.plan_update(old, new, now)
+                if plan.noop:
+                    await pipe.reset()
+                    return plan
+                pipe.multi()
+                pipe.set(keys.ACTIVE, new.id)
+                pipe.hset(k.campaign, mapping={
+                    "id": new.id, "quota": new.member_campaign_quota,
+                    "doc": cmp.to_json(new), "fingerprint": new.fingerprint()})
+                for r in new.rounds:
+                    pipe.hset(k.round(r.id), mapping={
+                        "o": r.opens_at_ms, "c": r.closes_at_ms, "q": r.member_round_quota,
+                        "vf": r.valid_from_ms, "vu": r.valid_until_ms})
+                for rid in plan.new_rounds:
+                    r = new.round(rid)
+                    assert r is not None
+                    for vid, n in r.stock.items():
+                        pipe.hset(k.stock, f"{rid}:{vid}", n)
+                        pipe.hset(k.stats, f"initial:{rid}:{vid}", n)
+                for ch in plan.changed_rounds:
+                    for vid, delta in ch.stock_delta.items():
+                        pipe.hincrby(k.stock, f"{ch.round_id}:{vid}", delta)
+                        pipe.hincrby(k.stats, f"initial:{ch.round_id}:{vid}", delta)
+                await pipe.execute()
+                return plan
+            except rex.WatchError:
+                continue
+
+
+class Store:
+    """The engine's Redis state for the one active campaign."""
+
+    def __init__(self, client: aioredis.Redis, campaign: Campaign, settings: Settings) -> None:
+        self.redis = client
+        self.campaign = campaign
+        self.keys = keys.Keys(campaign.id)
+        self.settings = settings
+        self._grab = client.register_script(scripts.load("grab").source)
+        self._redeem = client.register_script(scripts.load("redeem").source)
+        self._void = client.register_script(scripts.load("void").source)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await guarded(self.redis.ping()))
+        except Unavailable:
+            return False
+
+    async def time_ms(self) -> int:
+        return await guarded(redis_time_ms(self.redis))
+
+    async def grab(self, round_id: str, venue_id: str, member_id: str,
+                   idem_key: str | None) -> GrabResult:
+        k = self.keys
+        for _ in range(_CODE_ATTEMPTS):
+            code = codes.new_code()
+            reply = await guarded(self._grab(
+                keys=[k.campaign, k.round(round_id), k.stock, k.stats, k.member(member_id),
+                      k.member_coupons(member_id), k.coupon(code),
+                      k.idempotency(member_id, idem_key or ""), k.events],
+                args=[round_id, venue_id, member_id, code, "1" if idem_key else "0",
+                      self.settings.idempotency_ttl_s]))
+            result = _grab_result(reply)
+            if result.outcome is not GrabOutcome.CODE_COLLISION:
+                return result
+            log.warning("coupon code collision; drawing another")
+        raise RuntimeError("could not draw an unused coupon code")
+
+    async def redeem(self, venue_id: str, code: str) -> ChangeResult:
+        k = self.keys
+        reply = await guarded(self._redeem(
+            keys=[k.coupon(code), k.stats, k.venue_redemptions(venue_id), k.events],
+            args=[venue_id, code]))
+        oc = scripts.outcome("redeem", int(reply[0]))
+        now = int(reply[1])
+        if oc is RedeemOutcome.REDEEMED:
+            return ChangeResult(oc, now, pairs_to_dict(reply[2:]))
+        at = int(reply[2]) if len(reply) > 2 else 0
+        return ChangeResult(oc, now, {}, at_ms=at)
+
+    async def void(self, member_id: str, code: str) -> ChangeResult:
+        k = self.keys
+        reply = await guarded(self._void(
+            keys=[k.coupon(code), k.stock, k.stats, k.events],
+            args=[member_id, code, k.notify_channel]))
+        oc = scripts.outcome("void", int(reply[0]))
+        now = int(reply[1])
+        if oc is VoidOutcome.VOIDED:
+            return ChangeResult(oc, now, pairs_to_dict(reply[3:]), restocked=reply[2] == 1)
+        at = int(reply[2]) if len(reply) > 2 else 0
+        return ChangeResult(oc, now, {}, at_ms=at)
+
+    async def coupon(self, code: str) -> dict[str, str] | None:
+        rec = await guarded(self.redis.hgetall(self.keys.coupon(code)))
+        return rec or None
+
+    async def member_coupons(self, member_id: str) -> list[tuple[str, dict[str, str]]]:
+        codes_ = await guarded(self.redis.lrange(self.keys.member_coupons(member_id), 0, -1))
+        if not codes_:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for c in codes_:
+            pipe.hgetall(self.keys.coupon(c))
+        recs = await guarded(pipe.execute())
+        return [(c, r) for c, r in zip(codes_, recs) if r]
+
+    async def venue_redemptions(self, venue_id: str, since_ms: int,
+                                limit: int = 1000) -> list[tuple[str, dict[str, str]]]:
+        codes_ = await guarded(self.redis.zrangebyscore(
+            self.keys.venue_redemptions(venue_id), since_ms, "+inf", start=0, num=limit))
+        pipe = self.redis.pipeline(transaction=False)
+        for c in codes_:
+            pipe.hgetall(self.keys.coupon(c))
+        recs = await guarded(pipe.execute()) if codes_ else []
+        return [(c, r) for c, r in zip(codes_, recs) if r]
+
+    async def stock(self) -> dict[str, int]:
+        """'<round>:<venue>' -> remaining, for every stock line."""
+        raw = await guarded(self.redis.hgetall(self.keys.stock))
+        return {f: int(v) for f, v in raw.items()}
+
+    async def stats(self) -> dict[str, int]:
+        raw = await guarded(self.redis.hgetall(self.keys.stats))
+        return {f: int(v) for f, v in raw.items()}
+
+    async def has_idempotency(self, member_id: str, idem_key: str) -> bool:
+        return bool(await guarded(self.redis.exists(self.keys.idempotency(member_id, idem_key))))
+
+    async def campaign_fingerprint(self) -> str | None:
+        return await guarded(self.redis.hget(self.keys.campaign, "fingerprint"))
+
+    async def reload_campaign(self) -> Campaign | None:
+        doc = await guarded(self.redis.hget(self.keys.campaign, "doc"))
+        if doc is None:
+            return None
+        self.campaign = cmp.from_json(doc)
+        return self.campaign
+
+    # Venue API keys: only a SHA-256 of each key is stored.
+
+    async def add_venue_key(self, venue_id: str) -> str:
+        key_id = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(24)
+        token = f"vk.{venue_id}.{key_id}.{secret}"
+        await guarded(self.redis.hset(self.keys.venue_keys(venue_id), key_id, _sha(token)))
+        return token
+
+    async def revoke_venue_key(self, venue_id: str, key_id: str | None) -> int:
+        if key_id is None:
+            return int(await guarded(self.redis.delete(self.keys.venue_keys(venue_id))))
+        return int(await guarded(self.redis.hdel(self.keys.venue_keys(venue_id), key_id)))
+
+    async def list_venue_keys(self, venue_id: str) -> list[str]:
+        return sorted(await guarded(self.redis.hkeys(self.keys.venue_keys(venue_id))))
+
+    async def venue_for_key(self, token: str) -> str | None:
+        """The venue a key acts for, or None; the digest is compared in constant time."""
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != "vk":
+            return None
+        _, venue_id, key_id, _secret = parts
+        if self.campaign.venue(venue_id) is None:
+            return None
+        stored = await guarded(self.redis.hget(self.keys.venue_keys(venue_id), key_id))
+        if stored is None or not hmac.compare_digest(stored, _sha(token)):
+            return None
+        return venue_id
+
+    async def subscribe_notifications(self) -> AsyncIterator[str]:
+        """Messages on the campaign's notify channel, until cancelled."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.keys.notify_channel)
+        try:
+            async for msg in pubsub.listen():
+                if msg and msg.get("type") == "message":
+                    yield str(msg["data"])
+        finally:
+            await pubsub.aclose()
+
+    async def publish(self, message: str) -> None:
+        await guarded(self.redis.publish(self.keys.notify_channel, message))
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _grab_result(reply: list[Any]) -> GrabResult:
+    oc = scripts.outcome("grab", int(reply[0]))
+    now = int(reply[1])
+    if oc is GrabOutcome.GRANTED:
+        return GrabResult(oc, now, str(reply[2]), int(reply[3]), int(reply[4]), int(reply[5]),
+                          int(reply[6]))
+    if oc is GrabOutcome.REPLAYED:
+        return GrabResult(oc, now, str(reply[2]), int(reply[3]), int(reply[4]), int(reply[5]))
+    if oc in (GrabOutcome.ROUND_NOT_OPEN, GrabOutcome.ROUND_CLOSED):
+        return GrabResult(oc, now, edge_ms=int(reply[2]))
+    if oc is GrabOutcome.BAD_ARGUMENT:
+        return GrabResult(oc, now, message=str(reply[2]))
+    return GrabResult(oc, now)
+

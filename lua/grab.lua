@@ -1,0 +1,125 @@
+-- grab.lua: decide one member's grab of one coupon, atomically.
+--
+-- KEYS
+--   1 campaign hash     cpn:{C}:campaign        (field quota)
+--   2 round hash        cpn:{C}:round:<R>       (fields o, c, q, vf, vu)
+--   3 stock hash        cpn:{C}:stock           (field <R>:<V> -> remaining)
+--   4 stats hash        cpn:{C}:stats           (field issued:<R>:<V>)
+--   5 member hash       cpn:{C}:member:<M>      (fields total, r:<R>)
+--   6 member list       cpn:{C}:mcoupons:<M>    (codes, newest first)
+--   7 coupon hash       cpn:{C}:coupon:<code>   (the new coupon)
+--   8 idempotency key   cpn:{C}:idem:<M>:<key>  (unused when ARGV[5] = 0)
+--   9 event stream      cpn:{C}:events
+-- ARGV
+--   1 round id
+--   2 venue id
+--   3 member id
+--   4 new coupon code (canonical, 17 characters)
+--   5 idempotency: 1 = KEYS[8] holds the request's key, 0 = no key
+--   6 idempotency TTL in seconds (positive integer)
+-- RETURNS  {code, now_ms, ...}; now_ms is the Redis server's clock
+--   0 GRANTED             {0, now, code, issued_at_ms, valid_from_ms, valid_until_ms, remaining}
+--   1 REPLAYED            {1, now, code, issued_at_ms, valid_from_ms, valid_until_ms}
+--   2 ROUND_NOT_FOUND     {2, now}
+--   3 VENUE_NOT_FOUND     {3, now}
+--   4 ROUND_NOT_OPEN      {4, now, opens_at_ms}
+--   5 ROUND_CLOSED        {5, now, closes_at_ms}
+--   6 ROUND_QUOTA         {6, now}
+--   7 CAMPAIGN_QUOTA      {7, now}
+--   8 SOLD_OUT            {8, now}
+--   9 IDEMPOTENCY_REUSED  {9, now}
+--  10 CODE_COLLISION      {10, now}
+--  11 BAD_ARGUMENT        {11, now, message}
+--
+-- Every check runs before the first write, so a refusal changes nothing.
+
+local function int_arg(s)
+  -- tonumber accepts 'nan', 'inf', hex and exponents; a strict pattern does not.
+  if type(s) ~= 'string' or not string.match(s, '^[0-9]+$') or #s > 15 then
+    return nil
+  end
+  return tonumber(s)
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local round_id, venue_id, member_id, code = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local use_idem = ARGV[5]
+local ttl = int_arg(ARGV[6])
+if use_idem ~= '0' and use_idem ~= '1' then
+  return {11, now, 'idempotency flag must be 0 or 1'}
+end
+if not ttl or ttl < 1 then
+  return {11, now, 'idempotency ttl must be a positive integer'}
+end
+if not code or #code ~= 17 or not string.match(code, '^[0-9A-Z]+$') then
+  return {11, now, 'code must be 17 characters'}
+end
+if not member_id or member_id == '' then
+  return {11, now, 'member id is empty'}
+end
+
+local fingerprint = round_id .. '/' .. venue_id
+if use_idem == '1' then
+  local prior = redis.call('GET', KEYS[8])
+  if prior then
+    local fp, pcode, pissued, pfrom, puntil =
+      string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    if fp ~= fingerprint then
+      return {9, now}
+    end
+    return {1, now, pcode, tonumber(pissued), tonumber(pfrom), tonumber(puntil)}
+  end
+end
+
+local r = redis.call('HMGET', KEYS[2], 'o', 'c', 'q', 'vf', 'vu')
+if not r[1] then
+  return {2, now}
+end
+local opens, closes, round_quota = tonumber(r[1]), tonumber(r[2]), tonumber(r[3])
+local stock_field = round_id .. ':' .. venue_id
+local remaining = redis.call('HGET', KEYS[3], stock_field)
+if not remaining then
+  return {3, now}
+end
+remaining = tonumber(remaining)
+if now < opens then
+  return {4, now, opens}
+end
+if now >= closes then
+  return {5, now, closes}
+end
+
+local m = redis.call('HMGET', KEYS[5], 'total', 'r:' .. round_id)
+local total, in_round = tonumber(m[1] or '0'), tonumber(m[2] or '0')
+if in_round >= round_quota then
+  return {6, now}
+end
+local campaign_quota = tonumber(redis.call('HGET', KEYS[1], 'quota'))
+if total >= campaign_quota then
+  return {7, now}
+end
+if remaining <= 0 then
+  return {8, now}
+end
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  return {10, now}
+end
+
+-- All checks passed: write the grant.
+redis.call('HSET', KEYS[7],
+  'round', round_id, 'venue', venue_id, 'member', member_id, 'status', 'issued',
+  'issued_at', now, 'valid_from', r[4], 'valid_until', r[5], 'closes_at', r[2])
+redis.call('LPUSH', KEYS[6], code)
+remaining = redis.call('HINCRBY', KEYS[3], stock_field, -1)
+redis.call('HINCRBY', KEYS[4], 'issued:' .. stock_field, 1)
+redis.call('HINCRBY', KEYS[5], 'total', 1)
+redis.call('HINCRBY', KEYS[5], 'r:' .. round_id, 1)
+if use_idem == '1' then
+  redis.call('SET', KEYS[8],
+    fingerprint .. '|' .. code .. '|' .. now .. '|' .. r[4] .. '|' .. r[5], 'EX', ttl)
+end
+redis.call('XADD', KEYS[9], '*', 'type', 'grant', 'code', code, 'round', round_id,
+  'venue', venue_id, 'member', member_id, 'at', now)
+return {0, now, code, now, tonumber(r[4]), tonumber(r[5]), remaining}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the engine and its tests need, when missing.
+set -euo pipefail
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-benchmark >/dev/null || need+=(redis-tools)
+[ "${WITH_OPS_TOOLS:-0}" = 1 ] && { command -v prometheus >/dev/null || need+=(prometheus); command -v wrk >/dev/null || need+=(wrk); }
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Debian starts a system redis-server on install; the engine never uses it.
+else
+  echo "missing: ${need[*]}; install with: sudo apt-get install ${need[*]}" >&2
+  exit 1
+fi
