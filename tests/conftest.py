@@ -85,3 +85,84 @@ def write_campaign(tmp_path: Path):
         p.write_text(text, encoding="utf-8")
         return p
     return write
+
+
+# --- an in-process engine against the session's redis-server -----------------
+
+from dataclasses import dataclass, field as dc_field  # noqa: E402
+
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+
+from engine import campaign as cmp  # noqa: E402
+from engine.app import create_app  # noqa: E402
+from engine.auth import mint_member_token  # noqa: E402
+from engine.config import Settings  # noqa: E402
+from engine.store import load_campaign  # noqa: E402
+
+SECRET = "test-member-secret-0123456789abcdef"
+ADMIN = "test-admin-token"
+
+
+@dataclass
+class EngineUnderTest:
+    client: TestClient
+    redis: aioredis.Redis
+    campaign: cmp.Campaign
+    venue_tokens: dict[str, str] = dc_field(default_factory=dict)
+
+    def member(self, member_id: str, ttl: int = 3600) -> dict[str, str]:
+        return {"Authorization": "Bearer " + mint_member_token(SECRET, member_id, ttl)}
+
+    async def venue(self, venue_id: str) -> dict[str, str]:
+        if venue_id not in self.venue_tokens:
+            from engine.store import Store
+            store = Store(self.redis, self.campaign, Settings())
+            self.venue_tokens[venue_id] = await store.add_venue_key(venue_id)
+        return {"Authorization": "Bearer " + self.venue_tokens[venue_id]}
+
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def snapshot(self) -> dict[str, object]:
+        """Every key and value in Redis, to assert that a refusal changed nothing."""
+        out: dict[str, object] = {}
+        for key in sorted(await self.redis.keys("*")):
+            kind = await self.redis.type(key)
+            if kind == "hash":
+                out[key] = await self.redis.hgetall(key)
+            elif kind == "list":
+                out[key] = await self.redis.lrange(key, 0, -1)
+            elif kind == "string":
+                out[key] = await self.redis.get(key)
+            elif kind == "zset":
+                out[key] = await self.redis.zrange(key, 0, -1, withscores=True)
+            elif kind == "stream":
+                out[key] = await self.redis.xlen(key)
+        return out
+
+
+@pytest.fixture
+async def make_engine(redis_url: str, tmp_path: Path, aredis: aioredis.Redis):
+    clients: list[TestClient] = []
+
+    async def make(text: str, **settings_kw: object) -> EngineUnderTest:
+        c = cmp.parse_campaign(text)
+        await load_campaign(aredis, c)
+        kw: dict[str, object] = {"member_rate": 1000.0, "member_burst": 1000}
+        kw.update(settings_kw)
+        settings = Settings(data_dir=tmp_path / "var", redis_url=redis_url,
+                            member_jwt_secret=SECRET, admin_token=ADMIN, **kw)  # type: ignore[arg-type]
+        client = TestClient(TestServer(create_app(settings, redis_url)))
+        await client.start_server()
+        clients.append(client)
+        return EngineUnderTest(client, aredis, c)
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
+def open_round(url: str, rid: str = "R1", stock: dict[str, int] | None = None,
+               quota: int = 1, **kw: object) -> dict:
+    now = redis_now(url)
+    return {"id": rid, "opens": now - timedelta(minutes=5), "closes": now + timedelta(hours=1),
+            "quota": quota, "stock": stock or {"V01": 10, "V02": 10}, **kw}

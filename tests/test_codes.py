@@ -1,0 +1,42 @@
+from engine import codes
+
+
+def test_new_codes_are_valid_distinct_and_display_grouped() -> None:
+    seen = {codes.new_code() for _ in range(5000)}
+    assert len(seen) == 5000
+    for c in list(seen)[:200]:
+        assert len(c) == 17 and set(c) <= set(codes.ALPHABET)
+        shown = codes.display(c)
+        assert len(shown) == 21 and shown.count("-") == 4
+        assert codes.normalize(shown) == c
+
+
+def test_forgiving_reading() -> None:
+    c = "0123456789ABCDEF"
+    full = c + codes.check_char(c)
+    messy = " " + codes.display(full).lower().replace("0", "o").replace("1", "l") + " "
+    assert codes.normalize(messy) == full
+    assert codes.normalize(full.replace("1", "I")) == full
+
+
+def test_one_wrong_character_fails_the_check() -> None:
+    full = codes.new_code()
+    for i in range(17):
+        for ch in codes.ALPHABET:
+            if ch == full[i]:
+                continue
+            bad = full[:i] + ch + full[i + 1:]
+            assert codes.normalize(bad) is None, (full, bad)
+
+
+def test_adjacent_swap_is_caught_when_characters_differ() -> None:
+    full = codes.new_code()
+    for i in range(16):
+        if full[i] != full[i + 1]:
+            swapped = full[:i] + full[i + 1] + full[i] + full[i + 2:]
+            assert codes.normalize(swapped) is None
+
+
+def test_malformed() -> None:
+    for text in ["", "ABC", "U" * 17, "0" * 18, "x" * 100, "ÄÖÜ"]:
+        assert codes.normalize(text) is None
