@@ -1,0 +1,115 @@
+"""`coupon-engine serve` as a process: embedded Redis, sample campaign, CLI tokens,
+clean stop on SIGTERM, refusal of an unsafe external Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import redis
+
+from engine.embedded import EmbeddedRedis
+
+CLI = [sys.executable, "-m", "engine.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None,
+         headers: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def env_for(data: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env["COUPON_DATA_DIR"] = str(data)
+    return env
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        try:
+            if http("GET", base + "/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("engine did not become ready")
+
+
+def test_embedded_default_end_to_end(tmp_path: Path) -> None:
+    data, port = tmp_path / "var", free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = env_for(data)
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2"], env=env,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_ready(base, proc)
+        sock = data / "redis" / "redis.sock"
+        r = redis.Redis(unix_socket_path=str(sock), decode_responses=True)
+        assert r.config_get("appendfsync")["appendfsync"] == "always"
+        assert r.config_get("aof-load-truncated")["aof-load-truncated"] == "no"
+        assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        rounds = http("GET", base + "/v1/rounds")[1]["rounds"]
+        assert [x["id"] for x in rounds] == ["R1", "R2", "R3"]
+        assert rounds[0]["state"] == "scheduled" and len(rounds[0]["venues"]) == 50
+        token = subprocess.run([*CLI, "token", "member", "alice"], env=env, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        status, body = http("POST", base + "/v1/rounds/R1/grab", {"venue_id": "V01"},
+                            {"Authorization": f"Bearer {token}",
+                             "Content-Type": "application/json"})
+        assert (status, body["error"]["code"]) == (409, "round_not_open")
+        vkey = subprocess.run([*CLI, "token", "venue", "V01"], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        assert http("GET", base + "/v1/venue/redemptions",
+                    headers={"Authorization": f"Bearer {vkey}"})[0] == 200
+        admin = subprocess.run([*CLI, "token", "admin"], env=env, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        assert http("GET", base + "/v1/admin/rounds/R1/stats",
+                    headers={"Authorization": f"Bearer {admin}"})[0] == 200
+        bad = subprocess.run([*CLI, "token", "venue", "NOPE"], env=env, capture_output=True,
+                             text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+        r.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+    # The embedded redis-server went with it, and its data stayed.
+    assert not EmbeddedRedis(data / "redis").socket_path.exists() or \
+        subprocess.run(["redis-cli", "-s", str(data / "redis" / "redis.sock"), "ping"],
+                       capture_output=True).returncode != 0
+    assert any((data / "redis" / "appendonly").iterdir())
+
+
+def test_unsafe_external_redis_is_refused(tmp_path: Path) -> None:
+    unsafe = EmbeddedRedis(tmp_path / "unsafe")
+    unsafe.start(extra={"appendfsync": "everysec"})
+    try:
+        proc = subprocess.run([*CLI, "serve", "--redis-url", unsafe.url, "--port",
+                               str(free_port())], env=env_for(tmp_path / "var"),
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2
+        assert "appendfsync" in proc.stderr and "--allow-unsafe-redis" in proc.stderr
+    finally:
+        unsafe.stop()
