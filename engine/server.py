@@ -98,6 +98,23 @@ def worker_main(settings: Settings, url: str, index: int) -> None:
     uvloop.run(run_worker(settings, url, index))
 
 
+async def run_archiver(settings: Settings, url: str) -> None:
+    from .archiver import run_in_background
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("ledger archiver writing %s", settings.ledger_path)
+    await run_in_background(url, settings.ledger_path, stop)
+    log.info("ledger archiver stopped")
+
+
+def archiver_main(settings: Settings, url: str) -> None:
+    _setup_logging(settings.log_level)
+    import uvloop
+    uvloop.run(run_archiver(settings, url))
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
@@ -121,6 +138,11 @@ def serve(settings: Settings) -> int:
             p = ctx.Process(target=worker_main, args=(settings, url, i), name=f"worker-{i}")
             p.start()
             procs.append(p)
+        # One archiver for the whole engine: it alone writes the SQLite ledger.
+        if settings.archiver:
+            p = ctx.Process(target=archiver_main, args=(settings, url), name="archiver")
+            p.start()
+            procs.append(p)
         stopping = False
 
         def on_signal(signum: int, frame: object) -> None:
@@ -134,9 +156,13 @@ def serve(settings: Settings) -> int:
         while not stopping:
             for i, p in enumerate(procs):
                 if not p.is_alive() and not stopping:
-                    log.error("worker %d exited with %s; restarting it", i, p.exitcode)
-                    procs[i] = ctx.Process(target=worker_main, args=(settings, url, i),
-                                           name=f"worker-{i}")
+                    log.error("%s exited with %s; restarting it", p.name, p.exitcode)
+                    if p.name == "archiver":
+                        procs[i] = ctx.Process(target=archiver_main, args=(settings, url),
+                                               name="archiver")
+                    else:
+                        procs[i] = ctx.Process(target=worker_main, args=(settings, url, i),
+                                               name=f"worker-{i}")
                     procs[i].start()
             time.sleep(0.2)
         return 0

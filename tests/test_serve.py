@@ -113,3 +113,55 @@ def test_unsafe_external_redis_is_refused(tmp_path: Path) -> None:
         assert "appendfsync" in proc.stderr and "--allow-unsafe-redis" in proc.stderr
     finally:
         unsafe.stop()
+
+
+def test_serve_archives_into_the_ledger_and_reconciles(tmp_path: Path) -> None:
+    import sqlite3
+
+    from conftest import campaign_toml, open_round
+    data, port = tmp_path / "var", free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = env_for(data)
+    probe = EmbeddedRedis(tmp_path / "clock")
+    probe.start()
+    try:
+        text = campaign_toml(rounds=[open_round(probe.url)])
+    finally:
+        probe.stop()
+    camp = tmp_path / "c.toml"
+    camp.write_text(text, encoding="utf-8")
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--campaign", str(camp)],
+                            env=env, stderr=subprocess.PIPE)
+    try:
+        wait_ready(base, proc)
+        run = lambda *a: subprocess.run([*CLI, *a], env=env, check=True,  # noqa: E731
+                                        capture_output=True, text=True).stdout.strip()
+        member = {"Authorization": "Bearer " + run("token", "member", "m1"),
+                  "Content-Type": "application/json"}
+        status, body = http("POST", base + "/v1/rounds/R1/grab", {"venue_id": "V01"}, member)
+        assert status == 201
+        code = body["coupon"]["code"]
+        venue = {"Authorization": "Bearer " + run("token", "venue", "V01"),
+                 "Content-Type": "application/json"}
+        status, body = http("POST", base + "/v1/venue/redemptions", {"code": code}, venue)
+        assert status == 200
+        ledger = data / "ledger.sqlite3"
+        deadline = time.monotonic() + 10
+        rows: list = []
+        while time.monotonic() < deadline:
+            if ledger.exists():
+                with sqlite3.connect(ledger) as db:
+                    rows = db.execute("select type from events order by event_id").fetchall()
+                if len(rows) == 2:
+                    break
+            time.sleep(0.2)
+        assert [r[0] for r in rows] == ["grant", "redeem"]
+        claims = tmp_path / "claims.csv"
+        claims.write_text(f"code,redeemed_at,amount_fen\n{code},{body['coupon']['redeemed_at']},10000\n")
+        out = json.loads(run("reconcile", "--venue", "V01", "--claims", str(claims), "--out",
+                             str(tmp_path / "out")))
+        assert out["counts"]["matched"] == 1 and out["payable_fen"] == 9900
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0

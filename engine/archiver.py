@@ -1,0 +1,255 @@
+"""Moves the campaign's event stream into the ledger, each event exactly once.
+
+Order of operations per batch, and why it is crash-safe:
+
+1. XREADGROUP: the entries become pending for our consumer (Redis keeps them).
+2. One SQLite transaction inserts them (INSERT OR IGNORE on the stream id),
+   COMMIT with synchronous=FULL.
+3. XACK.
+
+A crash before 2 leaves the entries pending: the next run reads its own
+pending entries (id 0) first, or claims another consumer's with XAUTOCLAIM.
+A crash between 2 and 3 makes the next run insert them again, which the
+primary key turns into a no-op. The stream is trimmed only below the oldest
+entry that is pending or not yet delivered, so nothing unarchived is dropped.
+
+For the crash tests, ``crash_point`` ("after_read" or "after_commit",
+optionally ":N" for the N-th batch) SIGKILLs the process at that point. The
+CLI takes it from ``COUPON_ARCHIVER_CRASH_POINT``; never set it in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+
+from . import campaign as cmp
+from . import keys
+from .ledger import Ledger
+
+log = logging.getLogger("engine.archiver")
+
+GROUP = "ledger"
+# One stable name: a restarted archiver finds its own unfinished batch with id 0.
+CONSUMER = "ledger-archiver"
+BATCH = 1000
+# Another consumer's entry idle this long is presumed abandoned and claimed.
+MIN_IDLE_MS = 60_000
+
+
+class _Crasher:
+    """Test hook: SIGKILL ourselves at a named point (see module doc)."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.point: str | None = None
+        self.nth = 1
+        self.seen = 0
+        if spec:
+            point, _, nth = spec.partition(":")
+            if point not in ("after_read", "after_commit"):
+                raise ValueError(f"unknown archiver crash point {spec!r}")
+            self.point, self.nth = point, int(nth or 1)
+
+    def at(self, point: str) -> None:
+        if self.point != point:
+            return
+        self.seen += 1
+        if self.seen >= self.nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def ensure_group(client: aioredis.Redis, stream: str) -> None:
+    try:
+        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except rex.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def sync_campaign(client: aioredis.Redis, ledger: Ledger) -> str | None:
+    """Copy the active campaign document into the ledger; returns its id."""
+    cid = await client.get(keys.ACTIVE)
+    if cid is None:
+        return None
+    doc = await client.hget(keys.Keys(cid).campaign, "doc")
+    if doc:
+        await asyncio.to_thread(ledger.save_campaign, cmp.from_json(doc))
+    return cid
+
+
+async def _write(ledger: Ledger, cid: str, entries: list[tuple[str, dict[str, str]]]) -> int:
+    # Trimmed entries come back from a pending read with no fields; they were
+    # acknowledged long ago by definition of our trim rule, so only ack them.
+    live = [(eid, f) for eid, f in entries if f]
+    return await asyncio.to_thread(ledger.insert_events, cid, live)
+
+
+async def _process(client: aioredis.Redis, ledger: Ledger, cid: str, stream: str,
+                   entries: list[tuple[str, dict[str, str]]], crash: _Crasher) -> int:
+    crash.at("after_read")
+    new = await _write(ledger, cid, entries)
+    crash.at("after_commit")
+    await client.xack(stream, GROUP, *[eid for eid, _ in entries])
+    return new
+
+
+async def archive_once(client: aioredis.Redis, ledger: Ledger, consumer: str = CONSUMER, *,
+                       campaign_id: str | None = None, batch: int = BATCH,
+                       min_idle_ms: int = MIN_IDLE_MS, crash_point: str | None = None,
+                       trim: bool = True) -> int:
+    """Drain the stream into the ledger; returns how many events were new to it."""
+    crash = _Crasher(crash_point)
+    cid = await sync_campaign(client, ledger)
+    cid = campaign_id or cid
+    if cid is None:
+        return 0
+    stream = keys.Keys(cid).events
+    await ensure_group(client, stream)
+    total = 0
+
+    # 1. Our own unfinished batches (read before a crash, never acked).
+    start = "0"
+    while True:
+        resp = await client.xreadgroup(GROUP, consumer, {stream: start}, count=batch)
+        entries = _entries(resp)
+        if not entries:
+            break
+        total += await _process(client, ledger, cid, stream, entries, crash)
+        start = entries[-1][0]
+
+    # 2. Entries another (dead) consumer read and never acked.
+    cursor = "0-0"
+    while True:
+        res = await client.xautoclaim(stream, GROUP, consumer, min_idle_ms, cursor,
+                                      count=batch)
+        cursor, claimed = res[0], [(eid, f or {}) for eid, f in res[1]]
+        if claimed:
+            total += await _process(client, ledger, cid, stream, claimed, crash)
+        if cursor in ("0-0", b"0-0"):
+            break
+
+    # 3. New entries.
+    while True:
+        resp = await client.xreadgroup(GROUP, consumer, {stream: ">"}, count=batch)
+        entries = _entries(resp)
+        if not entries:
+            break
+        total += await _process(client, ledger, cid, stream, entries, crash)
+
+    if trim:
+        await trim_archived(client, stream)
+    return total
+
+
+def _entries(resp: Any) -> list[tuple[str, dict[str, str]]]:
+    """Flatten an XREADGROUP reply for one stream: RESP2 gives
+    ``[[stream, entries]]``, RESP3 ``{stream: [entries]}``."""
+    if not resp:
+        return []
+    if isinstance(resp, dict):
+        lists = [lst for value in resp.values() for lst in value]
+    else:
+        lists = [entries for _, entries in resp]
+    return [(eid, fields or {}) for entries in lists for eid, fields in entries]
+
+
+def _parse_id(eid: str) -> tuple[int, int]:
+    ms, _, seq = eid.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(eid: str) -> str:
+    ms, seq = _parse_id(eid)
+    return f"{ms}-{seq + 1}"
+
+
+async def trim_archived(client: aioredis.Redis, stream: str) -> int:
+    """XTRIM MINID to the oldest entry that is pending or not yet delivered.
+
+    last-delivered-id is read before the pending summary: an entry delivered
+    in between is then newer than last-delivered and is kept either way.
+    """
+    groups = await client.xinfo_groups(stream)
+    group = next((g for g in groups if g["name"] == GROUP), None)
+    if group is None:
+        return 0
+    last = group["last-delivered-id"]
+    if last in ("0-0", None):
+        return 0
+    minid = _next_id(last)
+    pending = await client.xpending(stream, GROUP)
+    if pending and pending.get("pending"):
+        low = pending["min"]
+        if _parse_id(low) < _parse_id(minid):
+            minid = low
+    return await client.xtrim(stream, minid=minid, approximate=False)
+
+
+async def lag(client: aioredis.Redis, campaign_id: str) -> int:
+    """Events in the stream not yet in the ledger (undelivered + pending)."""
+    stream = keys.Keys(campaign_id).events
+    try:
+        groups = await client.xinfo_groups(stream)
+    except rex.ResponseError:
+        return 0  # no stream yet: nothing to archive
+    group = next((g for g in groups if g["name"] == GROUP), None)
+    if group is None:
+        return int(await client.xlen(stream))
+    undelivered = group.get("lag")
+    if undelivered is None:
+        # Redis cannot tell (e.g. after deletions); everything left in the
+        # stream is at most pending or undelivered, because we trim the rest.
+        return int(await client.xlen(stream))
+    return int(undelivered) + int(group.get("pending") or 0)
+
+
+async def archive_follow(client: aioredis.Redis, ledger: Ledger, stop: asyncio.Event,
+                         consumer: str = CONSUMER, *, interval_s: float = 0.5,
+                         batch: int = BATCH, min_idle_ms: int = MIN_IDLE_MS,
+                         crash_point: str | None = None) -> int:
+    """Archive until ``stop`` is set; Redis outages are logged and retried."""
+    total = 0
+    backoff = interval_s
+    while not stop.is_set():
+        try:
+            total += await archive_once(client, ledger, consumer, batch=batch,
+                                        min_idle_ms=min_idle_ms, crash_point=crash_point)
+            backoff = interval_s
+        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            log.warning("archiver: Redis unavailable (%s); retrying", exc)
+            backoff = min(backoff * 2, 10.0)
+        except Exception:
+            # A background task that dies silently stops the ledger; keep trying
+            # and make the failure loud instead.
+            log.exception("archiver: pass failed; retrying")
+            backoff = min(backoff * 2, 10.0)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=backoff)
+        except asyncio.TimeoutError:
+            pass
+    return total
+
+
+async def run_in_background(redis_url: str, ledger_path: Path | str, stop: asyncio.Event,
+                            campaign_id: str | None = None, *,
+                            interval_s: float = 0.5) -> int:
+    """What ``serve`` runs as a background task: its own connection and ledger.
+
+    ``campaign_id`` is accepted for symmetry; the active campaign is read from
+    Redis on every pass so a newly loaded campaign is picked up.
+    """
+    del campaign_id
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    ledger = Ledger(ledger_path)
+    try:
+        return await archive_follow(client, ledger, stop, interval_s=interval_s)
+    finally:
+        ledger.close()
+        await client.aclose()

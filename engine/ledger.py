@@ -1,0 +1,323 @@
+"""The ledger: a durable SQLite copy of the event stream, and what is derived from it.
+
+Redis is the live truth for grabs and redemptions; the ledger is the record
+money is paid from. Every stream entry becomes exactly one ``events`` row
+(primary key = stream entry id), so delivering an entry twice is harmless.
+``coupons`` is kept in the same transaction as the events that change it, so
+it can never disagree with ``events``. The schema uses only portable types
+(TEXT, INTEGER) so a PostgreSQL backend can mirror it table for table.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+from . import campaign as cmp
+from .campaign import Campaign
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    event_id    TEXT PRIMARY KEY,          -- Redis stream entry id, unique per campaign stream
+    campaign_id TEXT NOT NULL,
+    type        TEXT NOT NULL,             -- grant | redeem | void
+    code        TEXT NOT NULL,             -- canonical 17-character code
+    round_id    TEXT NOT NULL,
+    venue_id    TEXT NOT NULL,
+    member_id   TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,          -- Redis server time of the change
+    restocked   INTEGER                    -- void only: 1 if the stock went back to an open round
+);
+CREATE INDEX IF NOT EXISTS events_venue_type ON events (venue_id, type);
+CREATE INDEX IF NOT EXISTS events_code ON events (code);
+
+CREATE TABLE IF NOT EXISTS coupons (
+    code           TEXT PRIMARY KEY,
+    campaign_id    TEXT NOT NULL,
+    round_id       TEXT NOT NULL,
+    venue_id       TEXT NOT NULL,
+    member_id      TEXT NOT NULL,
+    status         TEXT NOT NULL,          -- issued | redeemed | void
+    issued_at_ms   INTEGER,
+    redeemed_at_ms INTEGER,
+    voided_at_ms   INTEGER
+);
+CREATE INDEX IF NOT EXISTS coupons_venue_status ON coupons (venue_id, status);
+
+CREATE TABLE IF NOT EXISTS settlements (
+    code            TEXT PRIMARY KEY,      -- a code is paid at most once, ever
+    campaign_id     TEXT NOT NULL,
+    venue_id        TEXT NOT NULL,
+    settled_at_ms   INTEGER NOT NULL,
+    claims_file_sha TEXT NOT NULL,
+    claims_line     INTEGER,
+    amount_fen      INTEGER NOT NULL,      -- what the union pays: settlement_fen
+    claimed_fen     INTEGER NOT NULL,      -- what the venue claimed
+    flagged         INTEGER NOT NULL DEFAULT 0  -- 1: paid although the claimed amount differed
+);
+CREATE INDEX IF NOT EXISTS settlements_venue ON settlements (venue_id);
+
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+# Later events never move a coupon back to 'issued'; a grant seen after its
+# redeem (possible only if entries were replayed out of order) keeps the status.
+_UPSERT = {
+    "grant": (
+        "INSERT INTO coupons (code, campaign_id, round_id, venue_id, member_id, status,"
+        " issued_at_ms) VALUES (?, ?, ?, ?, ?, 'issued', ?)"
+        " ON CONFLICT (code) DO UPDATE SET issued_at_ms = excluded.issued_at_ms"
+    ),
+    "redeem": (
+        "INSERT INTO coupons (code, campaign_id, round_id, venue_id, member_id, status,"
+        " redeemed_at_ms) VALUES (?, ?, ?, ?, ?, 'redeemed', ?)"
+        " ON CONFLICT (code) DO UPDATE SET status = 'redeemed',"
+        " redeemed_at_ms = excluded.redeemed_at_ms"
+    ),
+    "void": (
+        "INSERT INTO coupons (code, campaign_id, round_id, venue_id, member_id, status,"
+        " voided_at_ms) VALUES (?, ?, ?, ?, ?, 'void', ?)"
+        " ON CONFLICT (code) DO UPDATE SET"
+        " status = CASE WHEN coupons.status = 'redeemed' THEN 'redeemed' ELSE 'void' END,"
+        " voided_at_ms = excluded.voided_at_ms"
+    ),
+}
+
+# SQLite allows 999 bound parameters in old builds; stay under it.
+CHUNK = 900
+
+
+class LedgerError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CouponRow:
+    code: str
+    round_id: str
+    venue_id: str
+    member_id: str
+    status: str
+    issued_at_ms: int | None
+    redeemed_at_ms: int | None
+    voided_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    code: str
+    venue_id: str
+    settled_at_ms: int
+    claims_file_sha: str
+    claims_line: int | None
+    amount_fen: int
+    claimed_fen: int
+    flagged: bool
+
+
+class Ledger:
+    """One SQLite file. Not shared across threads at the same time; the archiver
+    hands writes to one worker thread at a time."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so a
+        # batch is exactly one transaction and nothing is committed behind our back.
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before XACK tells Redis it may forget the entry.
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions ---------------------------------------------------------
+
+    def begin(self) -> None:
+        # IMMEDIATE takes the write lock now, so two settles cannot both see a
+        # code as unpaid and both pay it.
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    # -- events ---------------------------------------------------------------
+
+    def insert_events(self, campaign_id: str,
+                      entries: Sequence[tuple[str, Mapping[str, str]]]) -> int:
+        """Write stream entries in one transaction; returns how many were new.
+
+        An entry already present (same stream id) is skipped, and so is its
+        effect on ``coupons``: re-delivery after a crash changes nothing.
+        """
+        if not entries:
+            return 0
+        new = 0
+        self.begin()
+        try:
+            for event_id, f in entries:
+                etype = f.get("type", "")
+                if etype not in _UPSERT:
+                    raise LedgerError(f"stream entry {event_id} has unknown type {etype!r}")
+                at = int(f["at"])
+                restocked = int(f["restocked"]) if "restocked" in f else None
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO events (event_id, campaign_id, type, code, round_id,"
+                    " venue_id, member_id, at_ms, restocked) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (event_id, campaign_id, etype, f["code"], f["round"], f["venue"],
+                     f["member"], at, restocked))
+                if cur.rowcount != 1:
+                    continue
+                new += 1
+                self.db.execute(_UPSERT[etype], (f["code"], campaign_id, f["round"],
+                                                 f["venue"], f["member"], at))
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        return new
+
+    def event_ids(self, campaign_id: str | None = None) -> list[str]:
+        if campaign_id is None:
+            rows = self.db.execute("SELECT event_id FROM events")
+        else:
+            rows = self.db.execute("SELECT event_id FROM events WHERE campaign_id = ?",
+                                   (campaign_id,))
+        return [r[0] for r in rows]
+
+    def event_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    # -- campaign copy ----------------------------------------------------------
+
+    def save_campaign(self, c: Campaign) -> None:
+        """Keep the campaign document so reconciliation works with Redis down."""
+        doc = cmp.to_json(c).decode()
+        cur = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"campaign:{c.id}",))
+        row = cur.fetchone()
+        active = self.db.execute("SELECT value FROM meta WHERE key = 'active_campaign'").fetchone()
+        if row is not None and row[0] == doc and active is not None and active[0] == c.id:
+            return
+        self.begin()
+        try:
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                            (f"campaign:{c.id}", doc))
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES"
+                            " ('active_campaign', ?)", (c.id,))
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def campaign(self, campaign_id: str | None = None) -> Campaign | None:
+        if campaign_id is None:
+            row = self.db.execute(
+                "SELECT value FROM meta WHERE key = 'active_campaign'").fetchone()
+            if row is None:
+                return None
+            campaign_id = row[0]
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?",
+                              (f"campaign:{campaign_id}",)).fetchone()
+        return cmp.from_json(row[0]) if row else None
+
+    # -- lookups for reconciliation -------------------------------------------
+
+    def coupons_by_code(self, codes: Iterable[str]) -> dict[str, CouponRow]:
+        """Indexed lookups, one query per chunk of codes."""
+        out: dict[str, CouponRow] = {}
+        for chunk in _chunks(list(codes), CHUNK):
+            q = ("SELECT code, round_id, venue_id, member_id, status, issued_at_ms,"
+                 " redeemed_at_ms, voided_at_ms FROM coupons WHERE code IN"
+                 f" ({','.join('?' * len(chunk))})")
+            for r in self.db.execute(q, chunk):
+                out[r[0]] = CouponRow(*r)
+        return out
+
+    def settlements_by_code(self, codes: Iterable[str]) -> dict[str, Settlement]:
+        out: dict[str, Settlement] = {}
+        for chunk in _chunks(list(codes), CHUNK):
+            q = ("SELECT code, venue_id, settled_at_ms, claims_file_sha, claims_line,"
+                 " amount_fen, claimed_fen, flagged FROM settlements WHERE code IN"
+                 f" ({','.join('?' * len(chunk))})")
+            for r in self.db.execute(q, chunk):
+                out[r[0]] = Settlement(*r[:7], bool(r[7]))
+        return out
+
+    def venue_redemptions(self, campaign_id: str, venue_id: str) -> dict[str, int]:
+        """code -> redeemed_at_ms for every coupon redeemed at the venue."""
+        rows = self.db.execute(
+            "SELECT code, redeemed_at_ms FROM coupons WHERE venue_id = ? AND status ="
+            " 'redeemed' AND campaign_id = ?", (venue_id, campaign_id))
+        return {code: at for code, at in rows}
+
+    def settled_codes(self, campaign_id: str, venue_id: str) -> set[str]:
+        rows = self.db.execute(
+            "SELECT code FROM settlements WHERE venue_id = ? AND campaign_id = ?",
+            (venue_id, campaign_id))
+        return {r[0] for r in rows}
+
+    def record_settlements(self, campaign_id: str, rows: Sequence[Settlement]) -> int:
+        """Insert inside the caller's transaction; a code already paid is skipped."""
+        new = 0
+        for s in rows:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO settlements (code, campaign_id, venue_id, settled_at_ms,"
+                " claims_file_sha, claims_line, amount_fen, claimed_fen, flagged)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (s.code, campaign_id, s.venue_id, s.settled_at_ms, s.claims_file_sha,
+                 s.claims_line, s.amount_fen, s.claimed_fen, int(s.flagged)))
+            new += cur.rowcount
+        return new
+
+    def settlement_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM settlements").fetchone()[0]
+
+    # -- statement ----------------------------------------------------------------
+
+    def venue_totals(self, campaign_id: str) -> dict[str, dict[str, int]]:
+        """venue -> issued / void / redeemed (from events) and settled / settled_fen."""
+        out: dict[str, dict[str, int]] = {}
+
+        def row(v: str) -> dict[str, int]:
+            return out.setdefault(v, {"issued": 0, "void": 0, "redeemed": 0, "settled": 0,
+                                      "settled_fen": 0})
+
+        names = {"grant": "issued", "void": "void", "redeem": "redeemed"}
+        for venue, etype, n in self.db.execute(
+                "SELECT venue_id, type, count(*) FROM events WHERE campaign_id = ?"
+                " GROUP BY venue_id, type", (campaign_id,)):
+            row(venue)[names[etype]] = n
+        for venue, n, fen in self.db.execute(
+                "SELECT venue_id, count(*), coalesce(sum(amount_fen), 0) FROM settlements"
+                " WHERE campaign_id = ? GROUP BY venue_id", (campaign_id,)):
+            row(venue)["settled"] = n
+            row(venue)["settled_fen"] = fen
+        return out
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def open_ledger(path: Path | str) -> Ledger:
+    return Ledger(path)

@@ -1,0 +1,222 @@
+"""The archiver moves the event stream into the ledger exactly once, crashes included."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from conftest import campaign_toml
+from engine import archiver, codes, keys
+from engine import campaign as cmp
+from engine.campaign import Campaign
+from engine.ledger import Ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_MS = int(datetime(2024, 12, 20, 10, 0, tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def make_campaign(venues: tuple[str, ...] = ("V01", "V02", "V03"), stock: int = 5000) -> Campaign:
+    opens = datetime(2024, 12, 20, 2, 0, tzinfo=timezone.utc)
+    rounds = [{"id": "R1", "opens": opens, "closes": opens + timedelta(hours=12),
+               "stock": {v: stock for v in venues}},
+              {"id": "R2", "opens": opens + timedelta(days=1),
+               "closes": opens + timedelta(days=1, hours=12), "stock": {v: stock for v in venues}}]
+    return cmp.parse_campaign(campaign_toml(venues=venues, rounds=rounds))
+
+
+class World:
+    """Writes Redis state the way the Lua scripts do: XADD * on the event stream
+    with the same fields, and the same stats counters."""
+
+    def __init__(self, url: str, campaign: Campaign) -> None:
+        self.r = redis.Redis.from_url(url, decode_responses=True)
+        self.c = campaign
+        self.k = keys.Keys(campaign.id)
+        self.coupons: dict[str, dict[str, str]] = {}
+        self.r.set(keys.ACTIVE, campaign.id)
+        self.r.hset(self.k.campaign, mapping={"doc": cmp.to_json(campaign).decode(),
+                                              "quota": campaign.member_campaign_quota})
+        for rnd in campaign.rounds:
+            for vid, n in rnd.stock.items():
+                self.r.hset(self.k.stats, f"initial:{rnd.id}:{vid}", n)
+        self.pipe = self.r.pipeline(transaction=False)
+
+    def _event(self, etype: str, code: str, at: int, **extra: object) -> None:
+        c = self.coupons[code]
+        self.pipe.xadd(self.k.events, {"type": etype, "code": code, "round": c["round"],
+                                       "venue": c["venue"], "member": c["member"], "at": at,
+                                       **extra})
+        field = {"grant": "issued", "redeem": "redeemed", "void": "void"}[etype]
+        self.pipe.hincrby(self.k.stats, f"{field}:{c['round']}:{c['venue']}", 1)
+
+    def grant(self, venue: str, member: str, round_id: str = "R1", at: int = BASE_MS) -> str:
+        code = codes.new_code()
+        self.coupons[code] = {"round": round_id, "venue": venue, "member": member}
+        self._event("grant", code, at)
+        return code
+
+    def redeem(self, code: str, at: int) -> None:
+        self._event("redeem", code, at)
+
+    def void(self, code: str, at: int, restocked: int = 1) -> None:
+        self._event("void", code, at, restocked=restocked)
+        rv = f"{self.coupons[code]['round']}:{self.coupons[code]['venue']}"
+        self.pipe.hincrby(self.k.stats, f"{'returned_open' if restocked else 'returned_closed'}:{rv}", 1)
+
+    def flush(self) -> None:
+        self.pipe.execute()
+
+    def stream_ids(self) -> list[str]:
+        return [eid for eid, _ in self.r.xrange(self.k.events)]
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def seed(world: World, n_coupons: int, venues: tuple[str, ...] = ("V01", "V02")) -> None:
+    """Grants, with every third redeemed and every seventh voided."""
+    for i in range(n_coupons):
+        code = world.grant(venues[i % len(venues)], f"m{i}", "R1" if i % 2 else "R2",
+                           BASE_MS + i)
+        if i % 3 == 0:
+            world.redeem(code, BASE_MS + 3_600_000 + i)
+        elif i % 7 == 0:
+            world.void(code, BASE_MS + 60_000 + i, restocked=i % 2)
+    world.flush()
+
+
+@pytest.fixture
+def world(redis_url: str):
+    w = World(redis_url, make_campaign())
+    yield w
+    w.close()
+
+
+async def test_archive_once_moves_everything_once(world: World, aredis: aioredis.Redis,
+                                                  tmp_path: Path) -> None:
+    seed(world, 300)
+    ids = world.stream_ids()
+    with Ledger(tmp_path / "ledger.sqlite3") as led:
+        assert await archiver.archive_once(aredis, led, batch=64) == len(ids)
+        assert sorted(led.event_ids()) == sorted(ids)
+        assert await archiver.archive_once(aredis, led) == 0
+        assert await archiver.lag(aredis, world.c.id) == 0
+        # Archived and acknowledged entries are trimmed away.
+        assert await aredis.xlen(world.k.events) == 0
+        statuses = dict(led.db.execute("SELECT status, count(*) FROM coupons GROUP BY status"))
+        assert statuses["redeemed"] == 100
+        assert sum(statuses.values()) == 300
+        assert led.campaign() == world.c
+
+
+def test_redelivery_is_harmless(tmp_path: Path) -> None:
+    entries = [("1-0", {"type": "grant", "code": "A" * 17, "round": "R1", "venue": "V01",
+                        "member": "m", "at": "5"}),
+               ("2-0", {"type": "redeem", "code": "A" * 17, "round": "R1", "venue": "V01",
+                        "member": "m", "at": "9"})]
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        assert led.insert_events("c", entries) == 2
+        assert led.insert_events("c", entries) == 0
+        assert led.insert_events("c", entries[:1]) == 0
+        row = led.db.execute("SELECT status, issued_at_ms, redeemed_at_ms FROM coupons").fetchall()
+        assert row == [("redeemed", 5, 9)]
+        assert led.event_count() == 2
+
+
+def _run_cli_archive(url: str, data_dir: Path, crash: str | None) -> int:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("COUPON_ARCHIVER_CRASH_POINT", None)
+    if crash:
+        env["COUPON_ARCHIVER_CRASH_POINT"] = crash
+    p = subprocess.run([sys.executable, "-m", "engine.cli_ledger", "archive", "--redis-url", url,
+                        "--data-dir", str(data_dir)], env=env, cwd=ROOT, capture_output=True,
+                       timeout=60)
+    return p.returncode
+
+
+@pytest.mark.parametrize("crash,archived_before", [("after_read:2", 1000),
+                                                   ("after_commit:2", 2000)])
+async def test_sigkill_mid_archive_loses_and_duplicates_nothing(
+        world: World, aredis: aioredis.Redis, redis_url: str, tmp_path: Path, crash: str,
+        archived_before: int) -> None:
+    seed(world, 1800)  # 1800 grants + 600 redeems + voids: more than two batches of 1000
+    ids = world.stream_ids()
+    assert len(ids) > 2000
+    rc = _run_cli_archive(redis_url, tmp_path, crash)
+    assert rc == -signal.SIGKILL
+    with Ledger(tmp_path / "ledger.sqlite3") as led:
+        assert led.event_count() == archived_before
+    pending = await aredis.xpending(world.k.events, archiver.GROUP)
+    assert pending["pending"] == 1000
+    # Trimming now must keep the unacknowledged batch and everything after it.
+    await archiver.trim_archived(aredis, world.k.events)
+    assert await aredis.xlen(world.k.events) == len(ids) - 1000
+    # Events keep arriving while the archiver is down.
+    for i in range(10):
+        world.grant("V01", f"late{i}")
+    world.flush()
+    ids = ids + world.stream_ids()[-10:]
+    assert _run_cli_archive(redis_url, tmp_path, None) == 0
+    with Ledger(tmp_path / "ledger.sqlite3") as led:
+        got = led.event_ids()
+        assert len(got) == len(set(got)) == len(ids)
+        assert set(got) == set(ids)
+        grants = led.db.execute("SELECT count(*) FROM coupons").fetchone()[0]
+        assert grants == 1810
+    assert (await aredis.xpending(world.k.events, archiver.GROUP))["pending"] == 0
+    assert await archiver.lag(aredis, world.c.id) == 0
+
+
+async def test_dead_consumers_batch_is_claimed(world: World, aredis: aioredis.Redis,
+                                               redis_url: str, tmp_path: Path) -> None:
+    seed(world, 60)
+    ids = world.stream_ids()
+    script = ("import asyncio, sys, redis.asyncio as r\n"
+              "from engine import archiver\nfrom engine.ledger import Ledger\n"
+              "async def main():\n"
+              "    c = r.Redis.from_url(sys.argv[1], decode_responses=True)\n"
+              "    await archiver.archive_once(c, Ledger(sys.argv[2]), 'dead-one', batch=25,"
+              " crash_point='after_read:2')\n"
+              "asyncio.run(main())\n")
+    p = subprocess.run([sys.executable, "-c", script, redis_url, str(tmp_path / "l.sqlite3")],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        assert led.event_count() == 25
+        n = await archiver.archive_once(aredis, led, min_idle_ms=0)
+        assert n == len(ids) - 25
+        assert sorted(led.event_ids()) == sorted(ids)
+    assert (await aredis.xpending(world.k.events, archiver.GROUP))["pending"] == 0
+
+
+async def test_follow_archives_until_stopped(world: World, aredis: aioredis.Redis,
+                                             redis_url: str, tmp_path: Path) -> None:
+    stop = asyncio.Event()
+    path = tmp_path / "ledger.sqlite3"
+    task = asyncio.create_task(archiver.run_in_background(redis_url, path, stop,
+                                                          interval_s=0.05))
+    seed(world, 30)
+    ids = world.stream_ids()
+    with Ledger(path) as led:
+        for _ in range(100):
+            if led.event_count() == len(ids):
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(led.event_ids()) == sorted(ids)
+    stop.set()
+    assert await asyncio.wait_for(task, 5) == len(ids)
+
+
+async def test_archive_without_campaign_is_a_noop(aredis: aioredis.Redis, tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        assert await archiver.archive_once(aredis, led) == 0
+        assert led.campaign() is None
