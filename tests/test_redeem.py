@@ -207,6 +207,8 @@ async def test_qr_svg_decodes_to_the_code(make_engine, redis_url) -> None:
     assert resp.status == 200 and resp.content_type == "image/svg+xml"
     svg = await resp.read()
     assert svg.startswith(b"<?xml") and b"<svg" in svg
+    from engine import qr
+    assert svg == qr.svg(code)  # segno is deterministic: the served SVG is this symbol
     # Render the same symbol segno drew for the SVG and read it back like a scanner.
     buf = io.BytesIO()
     segno.make(code, error="m", micro=False).save(buf, kind="png", scale=8, border=4)
