@@ -1,0 +1,527 @@
+"""The benchmark: one run that starts what it needs and measures every path with wrk.
+
+    .venv/bin/python loadtest/bench.py [--connections 64] [--workers 2] [--duration 10]
+                                       [--repeat 1] [--json loadtest/reports/bench.json]
+
+Phases, all with the same wrk connections and server worker count:
+  1 ceiling     a bare aiohttp+uvloop app (reuse_port, N processes), fixed JSON body
+  2 grab        POST grab with stock available, a different member JWT per request
+  3 sold_out    POST grab on a sold-out stock line; not_open: a round that opens tomorrow
+  4 redeem      POST /v1/venue/redemptions of codes granted in phase 2, each once
+  5 redis       redis-benchmark: EVALSHA of the engine's grab.lua, and INCR, -P 1 / -P 16
+After each engine phase the admin stats are checked (issued <= stock, stock arithmetic);
+the exit status is 1 if any check fails. Every process started here is stopped by pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support import campaign_toml, free_port, mint_member_token  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CID = "bench"
+BIG_VENUES = [f"V{i:02d}" for i in range(1, 11)]
+SOLD_OUT_VENUE = "VSO"
+
+# Counts statuses per thread and prints one machine-readable line from done().
+WRK_COMMON = r"""
+threads = {}
+function setup(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
+function response(status, headers, body)
+  counts[status] = (counts[status] or 0) + 1
+end
+function done(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("counts")) do total[k] = (total[k] or 0) + v end
+  end
+  local next_idx = 0
+  for _, t in ipairs(threads) do next_idx = math.max(next_idx, (t:get("idx") or 0) + 1) end
+  local parts = {}
+  for k, v in pairs(total) do parts[#parts + 1] = '"' .. k .. '":' .. v end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
+    '"errors":%d,"timeouts":%d,"next":%d,"statuses":{%s}}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.timeout, next_idx, table.concat(parts, ",")))
+end
+"""
+
+WRK_PLAIN = WRK_COMMON + r"""
+function init(args) counts = {} end
+"""
+
+# args: tokens file, thread count, path, venues (comma separated), start offset
+WRK_GRAB = WRK_COMMON + r"""
+function init(args)
+  counts = {}
+  tokens = {}
+  for line in io.lines(args[1]) do tokens[#tokens + 1] = line end
+  nthreads = tonumber(args[2])
+  path = args[3]
+  bodies = {}
+  for v in string.gmatch(args[4], "[^,]+") do bodies[#bodies + 1] = '{"venue_id":"' .. v .. '"}' end
+  idx = tonumber(args[5]) + tid
+end
+function request()
+  local tok = tokens[(idx % #tokens) + 1]
+  local body = bodies[(math.floor(idx / nthreads) % #bodies) + 1]
+  idx = idx + nthreads
+  return wrk.format("POST", path, {["Authorization"] = "Bearer " .. tok,
+                                   ["Content-Type"] = "application/json"}, body)
+end
+"""
+
+# args: file of "venue_key code" lines, thread count, start offset
+WRK_REDEEM = WRK_COMMON + r"""
+function init(args)
+  counts = {}
+  keys, codes = {}, {}
+  for line in io.lines(args[1]) do
+    local k, c = string.match(line, "^(%S+) (%S+)$")
+    keys[#keys + 1] = k
+    codes[#codes + 1] = c
+  end
+  nthreads = tonumber(args[2])
+  idx = tonumber(args[3]) + tid
+end
+function request()
+  local i = (idx % #codes) + 1
+  idx = idx + nthreads
+  return wrk.format("POST", "/v1/venue/redemptions", {["Authorization"] = "Bearer " .. keys[i],
+                    ["Content-Type"] = "application/json"}, '{"code":"' .. codes[i] .. '"}')
+end
+"""
+
+
+@dataclass
+class Result:
+    phase: str
+    rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    next_index: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+    runs: int = 1
+    note: str = ""
+
+
+# --- phase 1: the ceiling app ------------------------------------------------------------
+
+def _ceiling_worker(port: int) -> None:
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
+
+    body = b'{"ok":true}'
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    uvloop.run(run())
+
+
+def start_ceiling(port: int, workers: int) -> list[mp.process.BaseProcess]:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ceiling_worker, args=(port,), daemon=True) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    wait_http(f"http://127.0.0.1:{port}/")
+    return procs
+
+
+# --- processes and HTTP ------------------------------------------------------------------
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
+
+
+def http_json(method: str, url: str, body: Any = None,
+              headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def run_wrk(phase: str, url: str, script: Path, args: list[str], connections: int,
+            threads: int, duration: int) -> Result:
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
+           "-s", str(script), url]
+    if args:
+        cmd += ["--", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    m = re.search(r"^BENCH_RESULT (.*)$", out.stdout, re.M)
+    if out.returncode != 0 or m is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    return Result(phase=phase, rps=r["requests"] / (r["duration_us"] / 1e6),
+                  requests=r["requests"], next_index=r["next"],
+                  p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000,
+                  statuses={str(k): v for k, v in r["statuses"].items()}, errors=r["errors"])
+
+
+def median_result(runs: list[Result]) -> Result:
+    """Median of each number over repeated runs; statuses and errors are summed."""
+    statuses: dict[str, int] = {}
+    for r in runs:
+        for k, v in r.statuses.items():
+            statuses[k] = statuses.get(k, 0) + v
+    return Result(phase=runs[0].phase, rps=statistics.median(r.rps for r in runs),
+                  requests=sum(r.requests for r in runs), next_index=runs[-1].next_index,
+                  p50_ms=statistics.median(r.p50_ms for r in runs),
+                  p99_ms=statistics.median(r.p99_ms for r in runs), statuses=statuses,
+                  errors=sum(r.errors for r in runs), runs=len(runs))
+
+
+class Engine:
+    """`coupon-engine serve` on an embedded Redis (appendfsync always) in a temp folder."""
+
+    def __init__(self, tmp: Path, workers: int, campaign: str | None = None) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.member_secret = secrets.token_urlsafe(32)
+        self.admin = "adm_" + secrets.token_urlsafe(24)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+        self.env.update(COUPON_DATA_DIR=str(tmp / "var"),
+                        COUPON_MEMBER_JWT_SECRET=self.member_secret,
+                        COUPON_ADMIN_TOKEN=self.admin, COUPON_LOG_LEVEL="WARNING")
+        now = datetime.now(timezone.utc)
+        campaign = campaign or campaign_toml(
+            cid=CID, venues=[*BIG_VENUES, SOLD_OUT_VENUE], campaign_quota=3, budget_fen=10**12,
+            rounds=[
+                # Open now with stock that 10 s of grabbing (nor redis-benchmark) can't exhaust.
+                {"id": "R1", "opens": now - timedelta(minutes=1),
+                 "closes": now + timedelta(hours=2), "quota": 1,
+                 "stock": {**{v: 1_000_000 for v in BIG_VENUES}, SOLD_OUT_VENUE: 1}},
+                {"id": "R2", "opens": now + timedelta(days=1),
+                 "closes": now + timedelta(days=1, hours=2), "quota": 1,
+                 "stock": {v: 1000 for v in BIG_VENUES}},
+            ])
+        self.campaign_path = tmp / "campaign.toml"
+        self.campaign_path.write_text(campaign, "utf-8")
+        self.log = open(tmp / "engine.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", "--campaign", str(self.campaign_path),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)],
+            cwd=REPO, env=self.env, stderr=self.log, stdout=self.log)
+        try:
+            wait_http(self.base + "/readyz", 60)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.tmp / "var" / "redis" / "redis.sock"
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO,
+                              env=self.env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    def stats(self, round_id: str = "R1") -> dict[str, Any]:
+        status, body = http_json("GET", f"{self.base}/v1/admin/rounds/{round_id}/stats",
+                                 headers={"Authorization": f"Bearer {self.admin}"})
+        if status != 200:
+            raise RuntimeError(f"admin stats answered {status}: {body}")
+        return body
+
+    def check(self, round_id: str = "R1") -> list[str]:
+        problems = []
+        for v in self.stats(round_id)["venues"]:
+            vid, stock, issued = v["venue_id"], v["stock"], v["issued"]
+            if issued > stock or v["remaining"] < 0:
+                problems.append(f"{round_id}:{vid} issued {issued} stock {stock} "
+                                f"remaining {v['remaining']}")
+            if stock - issued + v["returned_open"] != v["remaining"]:
+                problems.append(f"{round_id}:{vid} stock arithmetic off: {v}")
+            if v["redeemed"] > issued - v["void"]:
+                problems.append(f"{round_id}:{vid} redeemed {v['redeemed']} > issued - void")
+        return problems
+
+    def issued(self, round_id: str = "R1") -> int:
+        return int(self.stats(round_id)["totals"]["issued"])
+
+    def redeemed(self, round_id: str = "R1") -> int:
+        return int(self.stats(round_id)["totals"]["redeemed"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def write_tokens(path: Path, secret: str, n: int) -> None:
+    tag = secrets.token_hex(3)
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(mint_member_token(secret, f"b{tag}-{i}", 7200) + "\n")
+
+
+def granted_codes(engine: Engine, venue_keys: dict[str, str], out: Path) -> int:
+    """Write "venue_key code" for every issued coupon of R1, read straight from Redis."""
+    import redis
+
+    r = redis.Redis(unix_socket_path=str(engine.redis_socket), decode_responses=True)
+    try:
+        keys = list(r.scan_iter(match=f"cpn:{{{CID}}}:coupon:*", count=10_000))
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(k, "venue", "status")
+        rows = pipe.execute()
+    finally:
+        r.close()
+    n = 0
+    with out.open("w") as f:
+        for k, (venue, status) in zip(keys, rows):
+            if status == "issued" and venue in venue_keys:
+                f.write(f"{venue_keys[venue]} {k.rsplit(':', 1)[1]}\n")
+                n += 1
+    return n
+
+
+def redis_bench(sock: Path, name: str, cmd: list[str], pipeline: int, connections: int,
+                n: int) -> Result:
+    out = subprocess.run(["redis-benchmark", "-s", str(sock), "-c", str(connections), "-n",
+                          str(n), "-r", "1000000", "-P", str(pipeline), "--csv", *cmd],
+                         capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    if out.returncode != 0 or len(lines) < 2:
+        raise RuntimeError(f"redis-benchmark failed: {out.stdout}\n{out.stderr}")
+    header = [h.strip('"') for h in lines[0].split(",")]
+    row = dict(zip(header, [v.strip('"') for v in lines[-1].split(",")]))
+    return Result(phase=name, rps=float(row["rps"]), requests=n, p50_ms=float(row["p50_latency_ms"]),
+                  p99_ms=float(row["p99_latency_ms"]), note=f"n={n}")
+
+
+def grab_lua_sha() -> tuple[str, str]:
+    source = (REPO / "lua" / "grab.lua").read_text("utf-8")
+    import hashlib
+    return hashlib.sha1(source.encode()).hexdigest(), source
+
+
+# --- the run -----------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    for tool in ("wrk", "redis-benchmark", "redis-server"):
+        if shutil.which(tool) is None and not Path(f"/usr/bin/{tool}").exists():
+            print(f"bench: {tool} is missing (apt-get install -y wrk redis-server)",
+                  file=sys.stderr)
+            return 2
+    c, w, d, reps = args.connections, args.workers, args.duration, args.repeat
+    threads = args.wrk_threads
+    results: list[Result] = []
+    problems: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix="coupon-bench-"))
+    scripts = {}
+    for name, text in (("plain", WRK_PLAIN), ("grab", WRK_GRAB), ("redeem", WRK_REDEEM)):
+        scripts[name] = tmp / f"{name}.lua"
+        scripts[name].write_text(text)
+
+    def phase(name: str, url: str, script: str, wrk_args: list[str]) -> Result:
+        runs: list[Result] = []
+        for _ in range(reps):
+            runs.append(run_wrk(name, url, scripts[script], wrk_args, c, threads, d))
+            # The next run starts after the members (or codes) the previous one used, so
+            # a repeat measures the same path rather than round_quota_exceeded.
+            wrk_args = [*wrk_args[:-1], str(runs[-1].next_index)]
+        res = median_result(runs)
+        print(f"  {name}: {res.rps:,.0f} req/s p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms "
+              f"statuses {res.statuses} errors {res.errors}", flush=True)
+        results.append(res)
+        return res
+
+    engine: Engine | None = None
+    try:
+        print(f"bench: {c} connections, {w} server workers, {threads} wrk threads, {d} s "
+              f"per phase, x{reps}", flush=True)
+        port = free_port()
+        ceiling = start_ceiling(port, w)
+        try:
+            phase("1 ceiling (bare aiohttp)", f"http://127.0.0.1:{port}/", "plain", [])
+        finally:
+            for p in ceiling:
+                if p.pid is not None:
+                    os.kill(p.pid, signal.SIGTERM)
+                p.join(10)
+
+        engine = Engine(tmp, w)
+        tokens = tmp / "tokens.txt"
+        t0 = time.monotonic()
+        write_tokens(tokens, engine.member_secret, args.tokens)
+        print(f"  minted {args.tokens} member tokens in {time.monotonic() - t0:.1f} s",
+              flush=True)
+        grab_url = f"{engine.base}/v1/rounds/R1/grab"
+
+        before = engine.issued()
+        g = phase("2 grab (stock left)", grab_url, "grab",
+                  [str(tokens), str(threads), "/v1/rounds/R1/grab", ",".join(BIG_VENUES), "0"])
+        issued = engine.issued() - before
+        granted = g.statuses.get("201", 0)
+        g.note = f"issued {issued}, 201s {granted}"
+        # wrk drops the requests in flight when its time is up: the engine may have
+        # granted up to one per connection more than wrk saw answered.
+        if not 0 <= issued - granted <= c * reps:
+            problems.append(f"grab: {granted} answered 201 but {issued} issued")
+        problems += engine.check()
+
+        # Sell out the one-coupon line, then measure members hammering it.
+        status, _ = http_json("POST", grab_url, {"venue_id": SOLD_OUT_VENUE},
+                              {"Authorization": "Bearer " + mint_member_token(
+                                  engine.member_secret, "sellout", 600)})
+        if status != 201:
+            problems.append(f"could not sell out {SOLD_OUT_VENUE}: {status}")
+        before = engine.issued()
+        # Start after the members phase 2 used: most of the crowd at a sold-out line
+        # holds no coupon of the round yet.
+        used = str(g.next_index)
+        s = phase("3a sold out", grab_url, "grab",
+                  [str(tokens), str(threads), "/v1/rounds/R1/grab", SOLD_OUT_VENUE, used])
+        if engine.issued() != before or s.statuses.get("201"):
+            problems.append("sold-out phase issued coupons")
+        phase("3b not yet open", f"{engine.base}/v1/rounds/R2/grab", "grab",
+              [str(tokens), str(threads), "/v1/rounds/R2/grab", ",".join(BIG_VENUES), "0"])
+        problems += engine.check() + engine.check("R2")
+        if engine.issued("R2") != 0:
+            problems.append("not-open phase issued coupons")
+
+        venue_keys = {v: engine.cli("token", "venue", v) for v in BIG_VENUES}
+        codes_file = tmp / "codes.txt"
+        n_codes = granted_codes(engine, venue_keys, codes_file)
+        before = engine.redeemed()
+        r = phase("4 redeem", f"{engine.base}/v1/venue/redemptions", "redeem",
+                  [str(codes_file), str(threads), "0"])
+        redeemed = engine.redeemed() - before
+        r.note = f"{n_codes} codes, {redeemed} redeemed"
+        if not 0 <= redeemed - r.statuses.get("200", 0) <= c * reps:
+            problems.append(f"redeem: {r.statuses.get('200', 0)} answered 200, {redeemed} "
+                            "counted")
+        if redeemed > n_codes:
+            problems.append(f"redeem: {redeemed} redemptions of {n_codes} codes")
+        problems += engine.check()
+
+        sha, _ = grab_lua_sha()
+        k = f"cpn:{{{CID}}}"
+        evalsha = ["evalsha", sha, "9", f"{k}:campaign", f"{k}:round:R1", f"{k}:stock",
+                   f"{k}:stats", f"{k}:member:__rand_int__", f"{k}:mcoupons:__rand_int__",
+                   f"{k}:coupon:00000__rand_int__", f"{k}:idem:none", f"{k}:events",
+                   "R1", "V01", "rb__rand_int__", "00000__rand_int__", "0", "86400"]
+        for pl in (1, 16):
+            for name, cmd in (("grab.lua EVALSHA", evalsha), ("INCR", ["incr", "bench:ctr"])):
+                before = engine.issued()
+                res = redis_bench(engine.redis_socket, f"5 redis {name} -P {pl}", cmd, pl, c,
+                                  args.redis_requests)
+                if cmd is evalsha:
+                    # Shows the script really grants (random members rarely repeat).
+                    res.note += f", issued +{engine.issued() - before}"
+                print(f"  {res.phase}: {res.rps:,.0f} req/s p50 {res.p50_ms:.2f} ms "
+                      f"p99 {res.p99_ms:.2f} ms", flush=True)
+                results.append(res)
+        problems += engine.check()
+    finally:
+        if engine is not None:
+            engine.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    if problems:
+        print("CORRECTNESS CHECK FAILED:", *problems, sep="\n  ", file=sys.stderr)
+        return 1
+    print("correctness: issued never over stock; stock arithmetic and counts agree after "
+          "every phase")
+    return 0
+
+
+def print_table(results: list[Result]) -> None:
+    ceiling = results[0].rps if results else 0.0
+    print()
+    print(f"| {'phase':<31} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | "
+          f"{'vs (1)':>6} | statuses / note")
+    print(f"|{'-' * 33}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 8}|------")
+    for r in results:
+        ratio = f"{r.rps / ceiling:.2f}" if ceiling and not r.phase.startswith("5") else ""
+        extra = " ".join(f"{k}:{v}" for k, v in sorted(r.statuses.items()))
+        if r.errors:
+            extra += f" socket-errors:{r.errors}"
+        if r.note:
+            extra += f" ({r.note})"
+        print(f"| {r.phase:<31} | {r.rps:>9,.0f} | {r.p50_ms:>7.2f} | {r.p99_ms:>7.2f} | "
+              f"{ratio:>6} | {extra}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="server worker processes")
+    p.add_argument("--wrk-threads", type=int, default=2)
+    p.add_argument("--duration", type=int, default=10, help="seconds per wrk phase")
+    p.add_argument("--repeat", type=int, default=1, help="runs per wrk phase (median)")
+    p.add_argument("--tokens", type=int, default=300_000, help="member tokens to pre-mint")
+    p.add_argument("--redis-requests", type=int, default=100_000)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data)")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
