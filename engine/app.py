@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -48,8 +49,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_response(err.body(), status=500)
 
 
+def metrics_middleware(metrics: Metrics) -> Callable[[web.Request, Handler],
+                                                      Awaitable[web.StreamResponse]]:
+    """Duration and in-flight count per route; outermost, so it sees the final status."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        # The canonical path ("/v1/rounds/{round_id}/grab") keeps the label bounded.
+        route = resource.canonical if resource is not None else "unmatched"
+        status = 500
+        metrics.http_in_flight.inc()
+        t0 = time.perf_counter()
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.http_in_flight.dec()
+            metrics.http_duration.labels(route, request.method, str(status)).observe(
+                time.perf_counter() - t0)
+            if status == 503:
+                metrics.store_unavailable.inc()
+
+    return middleware
+
+
 def create_app(settings: Settings, redis_url: str) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
+    metrics = Metrics()
+    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware],
+                          client_max_size=64 * 1024)
     app[OPENAPI] = openapi.document()
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -61,11 +93,13 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         engine = Engine(Store(client, campaign, settings), resolve_secrets(settings),
                         member_rate=settings.member_rate, member_burst=settings.member_burst,
                         venue_bad_code_limit=settings.venue_bad_code_limit,
-                        metrics=Metrics())
+                        metrics=metrics)
+        metrics.prime(campaign)
         await engine.refresh()
         app[ENGINE] = engine
         tasks = [asyncio.create_task(engine.poll_forever(), name="state-poller"),
-                 asyncio.create_task(engine.listen_forever(), name="notify-listener")]
+                 asyncio.create_task(engine.listen_forever(), name="notify-listener"),
+                 asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")]
         yield
         for t in tasks:
             t.cancel()

@@ -1,20 +1,72 @@
 """Prometheus metrics, declared in one place.
 
 Label values are bounded: round and venue ids come from the loaded campaign,
-outcomes from the script enums; never a member id or a code.
+outcomes from the script enums, routes from the router's canonical paths;
+never a member id or a code. A round id a client made up is counted as
+``round="other"``.
+
+Under ``serve --workers N`` every worker writes its samples to files in
+``PROMETHEUS_MULTIPROC_DIR`` (set by the serve parent before it spawns the
+workers) and any worker's /metrics merges all of them. Without that variable
+(tests, one in-process app) a plain registry is used.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+import asyncio
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+from prometheus_client import multiprocess
+
+from .scripts import GrabOutcome, RedeemOutcome
+
+if TYPE_CHECKING:
+    from .campaign import Campaign
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# From a quarter of a millisecond: a grab served from the worker's cache takes about that.
+LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0)
+ROUND_STATES = ("scheduled", "open", "closed")
+OTHER = "other"
+# Outcomes decided by the worker before any script runs (see Engine.grab).
+_PRE_SCRIPT_GRAB = ("round_not_found", "venue_not_found", "round_not_open", "round_closed",
+                    "sold_out")
+# Script outcomes that never reach a client as such.
+_INTERNAL = {"code_collision", "bad_argument"}
+GRAB_OUTCOMES = tuple(dict.fromkeys(
+    [*(o.name.lower() for o in GrabOutcome if o.name.lower() not in _INTERNAL),
+     *_PRE_SCRIPT_GRAB]))
+REDEMPTION_OUTCOMES = tuple(dict.fromkeys(
+    [*(o.name.lower() for o in RedeemOutcome), "rate_limited", "malformed", "lookup",
+     "lookup_not_found", "lookup_wrong_venue"]))
+SCRIPTS = ("grab", "redeem", "void")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """The engine's counters; ``disabled()`` gives a registry nobody scrapes."""
+    """Every metric of the engine; ``disabled()`` gives a registry nobody scrapes."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
-        r = self.registry
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 multiproc_dir: str | None = None) -> None:
+        # The metrics live in a private registry so that several apps in one test
+        # process never collide; what /metrics shows is ``self.registry``.
+        own = registry or CollectorRegistry(auto_describe=True)
+        self._own = own
+        path = multiproc_dir if multiproc_dir is not None else os.environ.get(MULTIPROC_ENV)
+        self.multiprocess = bool(path) and registry is None
+        if self.multiprocess:
+            self.registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry, path=path)
+        else:
+            self.registry = own
+        r = own
         self.grab_requests = Counter(
             "coupon_grab_requests_total", "Grab requests by round and outcome",
             ["round", "outcome"], registry=r)
@@ -27,13 +79,87 @@ class Metrics:
         self.redemption_attempts = Counter(
             "coupon_redemption_attempts_total", "Venue lookups and redemptions by outcome",
             ["venue", "outcome"], registry=r)
+        self.http_duration = Histogram(
+            "coupon_http_request_duration_seconds", "HTTP request duration by route",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.http_in_flight = Gauge(
+            "coupon_http_requests_in_flight", "HTTP requests being served",
+            registry=r, multiprocess_mode="livesum")
+        self.script_duration = Histogram(
+            "coupon_redis_script_duration_seconds", "Redis script call duration by script",
+            ["script"], buckets=LATENCY_BUCKETS, registry=r)
+        self.store_unavailable = Counter(
+            "coupon_store_unavailable_total", "Store calls answered 503 (Redis down or slow)",
+            registry=r)
+        # Polled values: every worker reads the same Redis, so the newest reading
+        # of a live worker is the truth; a dead worker's last reading is not.
+        self.stock_remaining = Gauge(
+            "coupon_stock_remaining", "Coupons left per round and venue",
+            ["round", "venue"], registry=r, multiprocess_mode="livemostrecent")
+        self.stock_initial = Gauge(
+            "coupon_stock_initial", "Coupons loaded per round and venue",
+            ["round", "venue"], registry=r, multiprocess_mode="livemostrecent")
+        self.round_state = Gauge(
+            "coupon_round_state", "1 for the round's current state, else 0",
+            ["round", "state"], registry=r, multiprocess_mode="livemostrecent")
+        self.ledger_lag = Gauge(
+            "coupon_ledger_lag_events", "Events in the Redis stream not yet in the ledger",
+            registry=r, multiprocess_mode="livemostrecent")
+        self.budget = Gauge(
+            "coupon_budget_fen", "The campaign's settlement budget",
+            registry=r, multiprocess_mode="livemostrecent")
+        self.budget_committed = Gauge(
+            "coupon_budget_committed_fen",
+            "Settlement owed if every live coupon is redeemed: (issued - void) x settlement",
+            registry=r, multiprocess_mode="livemostrecent")
+        self.budget_redeemed = Gauge(
+            "coupon_budget_redeemed_fen", "Settlement owed for redeemed coupons",
+            registry=r, multiprocess_mode="livemostrecent")
+        self.loop_lag = Gauge(
+            "coupon_event_loop_lag_seconds", "How late the worker's event loop wakes up",
+            registry=r, multiprocess_mode="livemax")
+        self.last_poll = Gauge(
+            "coupon_state_poll_timestamp_seconds", "When a worker last polled Redis",
+            registry=r, multiprocess_mode="livemax")
+        self._rounds: frozenset[str] = frozenset()
+        for s in SCRIPTS:
+            self.script_duration.labels(s)
 
     @classmethod
     def disabled(cls) -> "Metrics":
         return cls(CollectorRegistry(auto_describe=True))
 
+    def render(self) -> bytes:
+        """The exposition text; blocking file reads in multiprocess mode, so call it
+        from an executor."""
+        return generate_latest(self.registry)
+
+    def prime(self, campaign: "Campaign") -> None:
+        """Create every round x venue x outcome series at zero so panels are never empty."""
+        self._rounds = frozenset(r.id for r in campaign.rounds)
+        venues = sorted({v for r in campaign.rounds for v in r.stock})
+        self.budget.set(campaign.budget_fen)
+        for r in campaign.rounds:
+            for o in GRAB_OUTCOMES:
+                self.grab_requests.labels(r.id, o)
+            for st in ROUND_STATES:
+                self.round_state.labels(r.id, st)
+            for v, n in r.stock.items():
+                self.coupons_issued.labels(r.id, v)
+                self.coupons_voided.labels(r.id, v)
+                self.coupons_redeemed.labels(r.id, v)
+                self.stock_initial.labels(r.id, v).set(n)
+        for o in GRAB_OUTCOMES:
+            self.grab_requests.labels(OTHER, o)
+        for v in venues:
+            for o in REDEMPTION_OUTCOMES:
+                self.redemption_attempts.labels(v, o)
+
+    def _round(self, round_id: str) -> str:
+        return round_id if round_id in self._rounds else OTHER
+
     def grab(self, round_id: str, outcome: str) -> None:
-        self.grab_requests.labels(round_id, outcome).inc()
+        self.grab_requests.labels(self._round(round_id), outcome).inc()
 
     def issued(self, round_id: str, venue_id: str) -> None:
         self.coupons_issued.labels(round_id, venue_id).inc()
@@ -46,3 +172,50 @@ class Metrics:
 
     def redemption(self, venue_id: str, outcome: str) -> None:
         self.redemption_attempts.labels(venue_id, outcome).inc()
+
+    @contextlib.contextmanager
+    def script(self, name: str) -> Iterator[None]:
+        """Time one store script call, failures included."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.script_duration.labels(name).observe(time.perf_counter() - t0)
+
+    def observe_state(self, campaign: "Campaign", stock: dict[str, int],
+                      stats: dict[str, int], now_ms: int, ledger_lag: int) -> None:
+        """Set the polled gauges from one reading of Redis."""
+        from .domain import round_state
+        issued = void = redeemed = 0
+        for f, n in stats.items():
+            kind = f.split(":", 1)[0]
+            if kind == "issued":
+                issued += n
+            elif kind == "void":
+                void += n
+            elif kind == "redeemed":
+                redeemed += n
+        for r in campaign.rounds:
+            state = round_state(r, now_ms)
+            for st in ROUND_STATES:
+                self.round_state.labels(r.id, st).set(1 if st == state else 0)
+            for v in r.stock:
+                self.stock_remaining.labels(r.id, v).set(stock.get(f"{r.id}:{v}", 0))
+        self.budget.set(campaign.budget_fen)
+        self.budget_committed.set((issued - void) * campaign.settlement_fen)
+        self.budget_redeemed.set(redeemed * campaign.settlement_fen)
+        self.ledger_lag.set(ledger_lag)
+        self.last_poll.set(time.time())
+
+    async def watch_loop_lag(self, interval_s: float = 0.25) -> None:
+        """Sleep and measure how late the loop wakes: a blocked loop shows up here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(interval_s)
+            self.loop_lag.set(max(0.0, loop.time() - t0 - interval_s))
+
+
+def mark_process_dead(pid: int, path: str) -> None:
+    """Drop a dead worker's live gauges (in-flight, polled values) from the merge."""
+    multiprocess.mark_process_dead(pid, path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
+import shutil
 import signal
 import sys
 import time
@@ -23,6 +25,7 @@ from .auth import resolve_secrets
 from .config import Settings
 from .domain import rfc3339, utc_now_ms
 from .embedded import EmbeddedRedis
+from .metrics import MULTIPROC_ENV, mark_process_dead
 from .store import (active_campaign, check_safety, client_for, connect_with_retry,
                     load_campaign, redis_time_ms)
 
@@ -120,6 +123,17 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
 
 
+def _reset_metrics_dir(path: Path) -> None:
+    """Empty the workers' metric files and point spawned workers at them.
+
+    Files from an earlier run would add old counts to this one; the variable is
+    inherited by the spawned workers before they import prometheus_client.
+    """
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+
+
 def serve(settings: Settings) -> int:
     _setup_logging(settings.log_level)
     redis: EmbeddedRedis | None = None
@@ -133,6 +147,7 @@ def serve(settings: Settings) -> int:
     try:
         resolve_secrets(settings)
         asyncio.run(prepare(settings, url, embedded=redis is not None))
+        _reset_metrics_dir(settings.metrics_dir)
         ctx = mp.get_context("spawn")
         for i in range(max(1, settings.workers)):
             p = ctx.Process(target=worker_main, args=(settings, url, i), name=f"worker-{i}")
@@ -157,6 +172,8 @@ def serve(settings: Settings) -> int:
             for i, p in enumerate(procs):
                 if not p.is_alive() and not stopping:
                     log.error("%s exited with %s; restarting it", p.name, p.exitcode)
+                    if p.pid is not None:
+                        mark_process_dead(p.pid, str(settings.metrics_dir))
                     if p.name == "archiver":
                         procs[i] = ctx.Process(target=archiver_main, args=(settings, url),
                                                name="archiver")

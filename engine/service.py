@@ -119,7 +119,8 @@ class Engine:
             # A keyed retry of a request that was granted must still find its coupon.
             self.metrics.grab(round_id, "sold_out")
             raise errors.SoldOut()
-        res = await self.store.grab(round_id, venue_id, member_id, idem_key)
+        with self.metrics.script("grab"):
+            res = await self.store.grab(round_id, venue_id, member_id, idem_key)
         self.state.observe_clock(res.now_ms)
         self.metrics.grab(round_id, res.outcome.name.lower())
         return self._grab_reply(res, member_id, round_id, venue_id, line), \
@@ -174,7 +175,8 @@ class Engine:
         code = codes.normalize(text)
         if code is None:
             raise errors.CouponNotFound()
-        res = await self.store.void(member_id, code)
+        with self.metrics.script("void"):
+            res = await self.store.void(member_id, code)
         self.state.observe_clock(res.now_ms)
         oc = res.outcome
         if oc is VoidOutcome.VOIDED:
@@ -221,7 +223,8 @@ class Engine:
 
     async def redeem(self, venue_id: str, text: str) -> Coupon:
         code = self._venue_code(venue_id, text)
-        res = await self.store.redeem(venue_id, code)
+        with self.metrics.script("redeem"):
+            res = await self.store.redeem(venue_id, code)
         self.state.observe_clock(res.now_ms)
         oc = res.outcome
         self.metrics.redemption(venue_id, oc.name.lower())
@@ -307,14 +310,20 @@ class Engine:
         self.state.remaining = stock
         for line in [x for x in self.state.sold_out if stock.get(x, 0) > 0]:
             self.state.sold_out.discard(line)
-        self.state.observe_clock(await self.store.time_ms())
+        now = await self.store.time_ms()
+        self.state.observe_clock(now)
         fp = await self.store.campaign_fingerprint()
         if fp and fp != self.state.fingerprint:
             new = await self.store.reload_campaign()
             if new is not None:
                 self.state.campaign = new
                 self.state.fingerprint = fp
+                self.metrics.prime(new)
                 log.info("campaign %s reloaded (fingerprint %s)", new.id, fp[:12])
+        # This poll is the engine's one reader of Redis state: the gauges come from here.
+        stats = await self.store.stats()
+        lag = await self.store.ledger_lag()
+        self.metrics.observe_state(self.campaign, stock, stats, now, lag)
 
     async def poll_forever(self) -> None:
         while True:

@@ -267,6 +267,11 @@ class Store:
         raw = await guarded(self.redis.hgetall(self.keys.stats))
         return {f: int(v) for f, v in raw.items()}
 
+    async def ledger_lag(self) -> int:
+        """Events on the stream not yet archived into the ledger."""
+        from .archiver import lag
+        return await guarded(lag(self.redis, self.campaign.id))
+
     async def has_idempotency(self, member_id: str, idem_key: str) -> bool:
         return bool(await guarded(self.redis.exists(self.keys.idempotency(member_id, idem_key))))
 

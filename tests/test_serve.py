@@ -47,7 +47,7 @@ def env_for(data: Path) -> dict[str, str]:
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert proc.poll() is None, "serve exited early"
         try:
             if http("GET", base + "/readyz")[0] == 200:
                 return
@@ -61,8 +61,9 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
     data, port = tmp_path / "var", free_port()
     base = f"http://127.0.0.1:{port}"
     env = env_for(data)
+    # Logs go to a file: an unread pipe fills up and blocks the engine.
     proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2"], env=env,
-                            stderr=subprocess.PIPE)
+                            stderr=(tmp_path / "serve.log").open("wb"))
     try:
         wait_ready(base, proc)
         sock = data / "redis" / "redis.sock"
@@ -131,7 +132,7 @@ def test_serve_archives_into_the_ledger_and_reconciles(tmp_path: Path) -> None:
     camp = tmp_path / "c.toml"
     camp.write_text(text, encoding="utf-8")
     proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--campaign", str(camp)],
-                            env=env, stderr=subprocess.PIPE)
+                            env=env, stderr=(tmp_path / "serve.log").open("wb"))
     try:
         wait_ready(base, proc)
         run = lambda *a: subprocess.run([*CLI, *a], env=env, check=True,  # noqa: E731

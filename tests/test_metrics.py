@@ -1,0 +1,271 @@
+"""/metrics: bounded labels primed at start, counts that match the requests sent,
+in one process and across ``serve --workers 2``, and a scrape promtool accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ADMIN, SECRET, campaign_toml, open_round
+from engine import campaign as cmp
+from engine.auth import mint_member_token
+from engine.config import Settings
+from engine.metrics import GRAB_OUTCOMES, Metrics
+from engine.store import Store
+
+CLI = [sys.executable, "-m", "engine.cli"]
+GRAB_ROUTE = "/v1/rounds/{round_id}/grab"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, for one exposition text."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(scrape: dict, name: str, **match: str) -> float:
+    return sum(v for (n, labels), v in scrape.items()
+               if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
+
+
+def declared_names() -> set[str]:
+    """Every sample name the engine can expose (counters with _total, histogram parts)."""
+    m = Metrics.disabled()
+    names = set()
+    for fam in m.registry.collect():
+        names.add(fam.name)
+        for s in fam.samples:
+            names.add(s.name)
+        if fam.type == "counter":
+            names.add(fam.name + "_total")
+        if fam.type == "histogram":
+            names |= {fam.name + x for x in ("_bucket", "_count", "_sum")}
+    return names
+
+
+# --- in one process (make_engine: no multiprocess directory) ------------------
+
+
+async def test_single_process_counts_and_primed_labels(make_engine, redis_url: str) -> None:
+    eng = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
+    c = eng.client
+    r = await c.post("/v1/rounds/R1/grab", json={"venue_id": "V01"}, headers=eng.member("m1"))
+    assert r.status == 201
+    code = (await r.json())["coupon"]["code"]
+    assert (await c.post("/v1/rounds/R1/grab", json={"venue_id": "V01"},
+                         headers=eng.member("m1"))).status == 409
+    assert (await c.post("/v1/rounds/NOPE/grab", json={"venue_id": "V01"},
+                         headers=eng.member("m2"))).status == 404
+    venue = await eng.venue("V01")
+    assert (await c.post("/v1/venue/redemptions", json={"code": code}, headers=venue)).status == 200
+    r = await c.get("/metrics")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+    text = await r.text()
+    s = samples(text)
+    assert total(s, "coupon_grab_requests_total", round="R1", outcome="granted") == 1
+    assert total(s, "coupon_grab_requests_total", round="R1", outcome="round_quota") == 1
+    # A made-up round id never becomes a label value.
+    assert total(s, "coupon_grab_requests_total", round="other", outcome="round_not_found") == 1
+    assert "NOPE" not in text and "m1" not in text and code not in text
+    assert total(s, "coupon_coupons_issued_total", round="R1", venue="V01") == 1
+    assert total(s, "coupon_coupons_redeemed_total", round="R1", venue="V01") == 1
+    assert total(s, "coupon_redemption_attempts_total", venue="V01", outcome="redeemed") == 1
+    assert total(s, "coupon_http_request_duration_seconds_count", route=GRAB_ROUTE) == 3
+    assert total(s, "coupon_redis_script_duration_seconds_count", script="grab") == 2
+    # Primed at start: every round x venue x outcome exists, at zero if unused.
+    for v in ("V01", "V02"):
+        assert ("coupon_coupons_voided_total", (("round", "R1"), ("venue", v))) in s
+        assert ("coupon_stock_remaining", (("round", "R1"), ("venue", v))) in s
+    for o in GRAB_OUTCOMES:
+        assert ("coupon_grab_requests_total", (("outcome", o), ("round", "R1"))) in s
+    assert s[("coupon_round_state", (("round", "R1"), ("state", "open")))] == 1
+    assert s[("coupon_budget_fen", ())] == 10**9
+
+
+async def test_polled_gauges_follow_redis(make_engine, redis_url: str) -> None:
+    eng = await make_engine(campaign_toml(rounds=[open_round(redis_url, stock={"V01": 3})]))
+    r = await eng.client.post("/v1/rounds/R1/grab", json={"venue_id": "V01"},
+                              headers=eng.member("m1"))
+    assert r.status == 201
+    deadline = time.monotonic() + 5
+    while True:
+        s = samples(await (await eng.client.get("/metrics")).text())
+        # /metrics renders in a thread, so it may catch a poll half applied: wait for both.
+        if s[("coupon_stock_remaining", (("round", "R1"), ("venue", "V01")))] == 2 and \
+                s[("coupon_budget_committed_fen", ())] == 9900:
+            break
+        assert time.monotonic() < deadline, "the poller did not update the stock gauge"
+        await asyncio.sleep(0.2)
+    assert s[("coupon_budget_committed_fen", ())] == 9900
+    assert s[("coupon_budget_redeemed_fen", ())] == 0
+    # No archiver runs here, so the one event is not archived.
+    assert s[("coupon_ledger_lag_events", ())] == 1
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+async def test_promtool_accepts_the_scrape(make_engine, redis_url: str) -> None:
+    eng = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
+    await eng.client.post("/v1/rounds/R1/grab", json={"venue_id": "V01"},
+                          headers=eng.member("m1"))
+    text = await (await eng.client.get("/metrics")).text()
+    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- a real `serve --workers 2` ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None,
+         headers: dict | None = None) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    h = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class Served:
+    def __init__(self, base: str, data: Path, redis_url: str, campaign: cmp.Campaign) -> None:
+        self.base, self.data, self.redis_url, self.campaign = base, data, redis_url, campaign
+        self.port = int(base.rsplit(":", 1)[1])
+
+    def member(self, member_id: str) -> dict[str, str]:
+        return {"Authorization": "Bearer " + mint_member_token(SECRET, member_id, 3600)}
+
+    def venue(self, venue_id: str) -> dict[str, str]:
+        async def add() -> str:
+            client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+            try:
+                return await Store(client, self.campaign, Settings()).add_venue_key(venue_id)
+            finally:
+                await client.aclose()
+        return {"Authorization": "Bearer " + asyncio.run(add())}
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(self.base + "/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+
+@contextmanager
+def serve_workers(tmp_path: Path, redis_url: str, workers: int = 2) -> Iterator[Served]:
+    """``serve --workers N`` against the session's Redis, with an open round R1."""
+    text = campaign_toml(rounds=[open_round(redis_url, stock={"V01": 50, "V02": 50})])
+    camp = tmp_path / "c.toml"
+    camp.write_text(text, encoding="utf-8")
+    data, port = tmp_path / "var", free_port()
+    # A leftover file from an earlier run must not count: serve wipes the directory.
+    (data / "metrics").mkdir(parents=True)
+    (data / "metrics" / "counter_999999.db").write_bytes(b"stale")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("COUPON_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(COUPON_DATA_DIR=str(data), COUPON_MEMBER_JWT_SECRET=SECRET,
+               COUPON_ADMIN_TOKEN=ADMIN, COUPON_ALLOW_UNSAFE_REDIS="1",
+               COUPON_MEMBER_RATE="1000", COUPON_MEMBER_BURST="1000")
+    # A file, not a pipe: nobody reads the log while the test runs, and a full pipe
+    # would block the engine.
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", str(workers),
+                             "--redis-url", redis_url, "--campaign", str(camp)],
+                            env=env, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if http("GET", base + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "engine did not become ready"
+            time.sleep(0.1)
+        # Both workers must be up before traffic, so that both take some of it.
+        deadline = time.monotonic() + 20
+        while len(list((data / "metrics").glob("counter_*.db"))) < workers:
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+        yield Served(base, data, redis_url, cmp.parse_campaign(text))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+def drive_traffic(eng: Served) -> dict[str, int]:
+    """Grabs, an error of each kind, voids and redemptions; the counts sent."""
+    sent = {"granted": 0, "round_quota": 0, "round_not_found": 0, "venue_not_found": 0}
+    codes = []
+    for i in range(8):
+        st, body = http("POST", eng.base + "/v1/rounds/R1/grab", {"venue_id": "V01"},
+                        eng.member(f"m{i}"))
+        assert st == 201
+        codes.append(json.loads(body)["coupon"]["code"])
+        sent["granted"] += 1
+    for i in range(3):
+        assert http("POST", eng.base + "/v1/rounds/R1/grab", {"venue_id": "V01"},
+                    eng.member(f"m{i}"))[0] == 409
+        sent["round_quota"] += 1
+    for _ in range(2):
+        assert http("POST", eng.base + "/v1/rounds/RX/grab", {"venue_id": "V01"},
+                    eng.member("m9"))[0] == 404
+        sent["round_not_found"] += 1
+    assert http("POST", eng.base + "/v1/rounds/R1/grab", {"venue_id": "V99"},
+                eng.member("m9"))[0] == 404
+    sent["venue_not_found"] += 1
+    venue = eng.venue("V01")
+    for code in codes[:3]:
+        assert http("POST", eng.base + "/v1/venue/redemptions", {"code": code}, venue)[0] == 200
+    assert http("POST", eng.base + "/v1/venue/redemptions", {"code": codes[0]}, venue)[0] == 409
+    assert http("DELETE", eng.base + f"/v1/me/coupons/{codes[7]}", None,
+                eng.member("m7"))[0] == 200
+    return sent
+
+
+def test_counts_across_two_workers(tmp_path: Path, redis_url: str) -> None:
+    with serve_workers(tmp_path, redis_url) as eng:
+        assert not (eng.data / "metrics" / "counter_999999.db").exists()
+        sent = drive_traffic(eng)
+        n = sum(sent.values())
+        for _ in range(4):  # any worker answers, every answer covers both
+            s = samples(eng.scrape())
+            assert total(s, "coupon_grab_requests_total") == n
+            for outcome, k in sent.items():
+                assert total(s, "coupon_grab_requests_total", outcome=outcome) == k
+            assert total(s, "coupon_http_request_duration_seconds_count", route=GRAB_ROUTE) == n
+            assert total(s, "coupon_coupons_issued_total") == sent["granted"]
+            assert total(s, "coupon_coupons_redeemed_total", venue="V01") == 3
+            assert total(s, "coupon_coupons_voided_total", venue="V01") == 1
+            assert total(s, "coupon_redemption_attempts_total", venue="V01",
+                         outcome="already_redeemed") == 1
+            assert total(s, "coupon_redis_script_duration_seconds_count", script="redeem") == 4
+        # Each worker writes its own file; the merge above covered them all.
+        assert len(list((eng.data / "metrics").glob("counter_*.db"))) >= 2
