@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -134,11 +133,7 @@ async def test_promtool_accepts_the_scrape(make_engine, redis_url: str) -> None:
 
 # --- a real `serve --workers 2` ---------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_serve import free_port  # noqa: E402
 
 
 def http(method: str, url: str, body: dict | None = None,
