@@ -241,26 +241,22 @@ class Ledger:
 
     # -- lookups for reconciliation -------------------------------------------
 
-    def coupons_by_code(self, codes: Iterable[str]) -> dict[str, CouponRow]:
-        """Indexed lookups, one query per chunk of codes."""
-        out: dict[str, CouponRow] = {}
+    def _rows_by_code(self, select: str, codes: Iterable[str]) -> Iterator[tuple]:
+        """Rows of ``select ... WHERE code IN (...)``, one indexed query per chunk."""
         for chunk in _chunks(list(codes), CHUNK):
-            q = ("SELECT code, round_id, venue_id, member_id, status, issued_at_ms,"
-                 " redeemed_at_ms, voided_at_ms FROM coupons WHERE code IN"
-                 f" ({','.join('?' * len(chunk))})")
-            for r in self.db.execute(q, chunk):
-                out[r[0]] = CouponRow(*r)
-        return out
+            yield from self.db.execute(
+                f"{select} WHERE code IN ({','.join('?' * len(chunk))})", chunk)
+
+    def coupons_by_code(self, codes: Iterable[str]) -> dict[str, CouponRow]:
+        select = ("SELECT code, round_id, venue_id, member_id, status, issued_at_ms,"
+                  " redeemed_at_ms, voided_at_ms FROM coupons")
+        return {r[0]: CouponRow(*r) for r in self._rows_by_code(select, codes)}
 
     def settlements_by_code(self, codes: Iterable[str]) -> dict[str, Settlement]:
-        out: dict[str, Settlement] = {}
-        for chunk in _chunks(list(codes), CHUNK):
-            q = ("SELECT code, venue_id, settled_at_ms, claims_file_sha, claims_line,"
-                 " amount_fen, claimed_fen, flagged FROM settlements WHERE code IN"
-                 f" ({','.join('?' * len(chunk))})")
-            for r in self.db.execute(q, chunk):
-                out[r[0]] = Settlement(*r[:7], bool(r[7]))
-        return out
+        select = ("SELECT code, venue_id, settled_at_ms, claims_file_sha, claims_line,"
+                  " amount_fen, claimed_fen, flagged FROM settlements")
+        return {r[0]: Settlement(*r[:7], bool(r[7]))
+                for r in self._rows_by_code(select, codes)}
 
     def venue_redemptions(self, campaign_id: str, venue_id: str) -> dict[str, int]:
         """code -> redeemed_at_ms for every coupon redeemed at the venue."""

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from aiohttp import web
 
@@ -149,15 +150,21 @@ def serve(settings: Settings) -> int:
         asyncio.run(prepare(settings, url, embedded=redis is not None))
         _reset_metrics_dir(settings.metrics_dir)
         ctx = mp.get_context("spawn")
-        for i in range(max(1, settings.workers)):
-            p = ctx.Process(target=worker_main, args=(settings, url, i), name=f"worker-{i}")
-            p.start()
-            procs.append(p)
+        # name -> how to start it; the same spec restarts a process that died.
+        specs: dict[str, tuple[Callable[..., None], tuple[object, ...]]] = {
+            f"worker-{i}": (worker_main, (settings, url, i))
+            for i in range(max(1, settings.workers))}
         # One archiver for the whole engine: it alone writes the SQLite ledger.
         if settings.archiver:
-            p = ctx.Process(target=archiver_main, args=(settings, url), name="archiver")
+            specs["archiver"] = (archiver_main, (settings, url))
+
+        def start(name: str) -> mp.process.BaseProcess:
+            target, args = specs[name]
+            p = ctx.Process(target=target, args=args, name=name)
             p.start()
-            procs.append(p)
+            return p
+
+        procs.extend(start(name) for name in specs)
         stopping = False
 
         def on_signal(signum: int, frame: object) -> None:
@@ -174,13 +181,7 @@ def serve(settings: Settings) -> int:
                     log.error("%s exited with %s; restarting it", p.name, p.exitcode)
                     if p.pid is not None:
                         mark_process_dead(p.pid, str(settings.metrics_dir))
-                    if p.name == "archiver":
-                        procs[i] = ctx.Process(target=archiver_main, args=(settings, url),
-                                               name="archiver")
-                    else:
-                        procs[i] = ctx.Process(target=worker_main, args=(settings, url, i),
-                                               name=f"worker-{i}")
-                    procs[i].start()
+                    procs[i] = start(p.name)
             time.sleep(0.2)
         return 0
     except (ServeError, cmp.CampaignError) as exc:
