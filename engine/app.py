@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import AsyncIterator, Awaitable, Callable
@@ -13,7 +12,7 @@ from aiohttp import web
 from . import errors, openapi
 from .auth import resolve_secrets
 from .config import Settings
-from .handlers import ENGINE, OPENAPI, add_routes, json_response
+from .handlers import ENGINE, OPENAPI, add_routes, error_response
 from .metrics import Metrics
 from .service import Engine
 from .store import Store, active_campaign, client_for, connect_with_retry
@@ -22,65 +21,55 @@ log = logging.getLogger("engine.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place engine errors become the contract's JSON errors."""
-    try:
-        return await handler(request)
-    except errors.EngineError as exc:
-        resp = json_response(exc.body(), status=exc.status)
-        resp.headers.update(exc.headers)
-        return resp
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            err: errors.EngineError = errors.NotFound(f"no route {request.path}")
-        elif exc.status == 405:
-            err = errors.MethodNotAllowed()
-        elif exc.status == 413:
-            err = errors.InvalidRequest("request body too large")
-        else:
-            raise
-        return json_response(err.body(), status=err.status)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        err = errors.EngineError()
-        return json_response(err.body(), status=500)
-
-
-def metrics_middleware(metrics: Metrics) -> Callable[[web.Request, Handler],
-                                                      Awaitable[web.StreamResponse]]:
-    """Duration and in-flight count per route; outermost, so it sees the final status."""
+def engine_middleware(metrics: Metrics) -> Callable[[web.Request, Handler],
+                                                    Awaitable[web.StreamResponse]]:
+    """The one place engine errors become the contract's JSON errors, and where each
+    request's duration and in-flight count are measured (one middleware, not two:
+    each layer costs a coroutine per request)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        # The canonical path ("/v1/rounds/{round_id}/grab") keeps the label bounded.
-        route = resource.canonical if resource is not None else "unmatched"
-        status = 500
-        metrics.http_in_flight.inc()
         t0 = time.perf_counter()
+        metrics.in_flight += 1
+        status = 500
         try:
             resp = await handler(request)
             status = resp.status
             return resp
-        except web.HTTPException as exc:
+        except errors.EngineError as exc:
             status = exc.status
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                err: errors.EngineError = errors.NotFound(f"no route {request.path}")
+            elif exc.status == 405:
+                err = errors.MethodNotAllowed()
+            elif exc.status == 413:
+                err = errors.InvalidRequest("request body too large")
+            else:
+                status = exc.status
+                raise
+            status = err.status
+            return error_response(err)
+        except asyncio.CancelledError:
+            status = 499  # the client went away; nginx's name for it
             raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(errors.EngineError())
         finally:
-            metrics.http_in_flight.dec()
-            metrics.http_duration.labels(route, request.method, str(status)).observe(
-                time.perf_counter() - t0)
-            if status == 503:
-                metrics.store_unavailable.inc()
+            metrics.in_flight -= 1
+            resource = request.match_info.route.resource
+            # The canonical path ("/v1/rounds/{round_id}/grab") keeps the label bounded.
+            metrics.http(resource.canonical if resource is not None else "unmatched",
+                         request.method, status, time.perf_counter() - t0)
 
     return middleware
 
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:
     metrics = Metrics()
-    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware],
+    app = web.Application(middlewares=[engine_middleware(metrics)],
                           client_max_size=64 * 1024)
     app[OPENAPI] = openapi.document()
 
@@ -99,13 +88,15 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         app[ENGINE] = engine
         tasks = [asyncio.create_task(engine.poll_forever(), name="state-poller"),
                  asyncio.create_task(engine.listen_forever(), name="notify-listener"),
-                 asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")]
+                 asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag"),
+                 asyncio.create_task(metrics.flush_forever(), name="metrics-flush")]
         yield
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        # Bounded: a task that swallowed its cancellation must not hang the shutdown.
+        _, stuck = await asyncio.wait(tasks, timeout=5.0)
+        for t in stuck:
+            log.error("background task %s did not stop within 5 s", t.get_name())
         await engine.store.close()
 
     app.cleanup_ctx.append(engine_ctx)

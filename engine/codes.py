@@ -8,6 +8,7 @@ mistyped code is caught here, before any store is asked.
 
 from __future__ import annotations
 
+import base64
 import secrets
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -18,16 +19,18 @@ CODE_LEN = PAYLOAD_LEN + 1
 # Characters people confuse, read as the contract says.
 _FOLD = str.maketrans({"I": "1", "L": "1", "O": "0"})
 _DROP = str.maketrans("", "", " -\t")
+# Luhn addend of a symbol in a doubled position: 2v folded back into one digit mod N.
+_DOUBLED = {ch: (2 * v) // _N + (2 * v) % _N for ch, v in _VALUE.items()}
+# RFC 4648 base32 symbols to Crockford symbols of the same value.
+_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", ALPHABET.encode())
 
 
 def check_char(payload: str) -> str:
-    """Luhn mod N check character for ``payload`` (already canonical)."""
-    factor = 2
-    total = 0
-    for ch in reversed(payload):
-        addend = factor * _VALUE[ch]
-        factor = 1 if factor == 2 else 2
-        total += addend // _N + addend % _N
+    """Luhn mod N check character for ``payload`` (already canonical).
+
+    Counting from the right, the first symbol and every second one are doubled."""
+    total = sum(map(_DOUBLED.__getitem__, payload[-1::-2])) \
+        + sum(map(_VALUE.__getitem__, payload[-2::-2]))
     return ALPHABET[(_N - total % _N) % _N]
 
 
@@ -43,8 +46,9 @@ def _luhn_ok(code: str) -> bool:
 
 def new_code() -> str:
     """A fresh canonical code: 16 random symbols (80 bits) and its check."""
-    bits = secrets.randbits(PAYLOAD_LEN * 5)
-    payload = "".join(ALPHABET[(bits >> (5 * i)) & 31] for i in range(PAYLOAD_LEN))
+    # 10 random bytes are exactly 16 base32 symbols, with no padding.
+    payload = base64.b32encode(secrets.token_bytes(PAYLOAD_LEN * 5 // 8)) \
+        .translate(_FROM_RFC4648).decode()
     return payload + check_char(payload)
 
 

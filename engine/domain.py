@@ -25,8 +25,12 @@ def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
+@lru_cache(maxsize=4096)
 def rfc3339(ms: int, tz: str) -> str:
-    """Milliseconds since the epoch as RFC 3339 with the campaign's offset."""
+    """Milliseconds since the epoch as RFC 3339 with the campaign's offset.
+
+    Cached: round edges and validity bounds repeat on every reply, and at
+    thousands of grabs a second so do issue times within one millisecond."""
     dt = datetime.fromtimestamp(ms / 1000, tz=_zone(tz))
     if ms % 1000:
         return dt.isoformat(timespec="milliseconds")

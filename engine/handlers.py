@@ -28,6 +28,14 @@ def json_response(payload: object, status: int = 200) -> web.Response:
     return web.Response(body=encoder.encode(payload), status=status, content_type=_JSON)
 
 
+def error_response(exc: errors.EngineError) -> web.Response:
+    """The contract's JSON error for an engine error (raised or returned)."""
+    resp = json_response(exc.body(), status=exc.status)
+    if exc.headers:
+        resp.headers.update(exc.headers)
+    return resp
+
+
 async def _body(request: web.Request, decoder: msgspec.json.Decoder) -> object:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
@@ -50,9 +58,11 @@ async def grab(request: web.Request) -> web.Response:
         raise errors.InvalidRequest("Idempotency-Key must be 1-64 printable ASCII characters")
     body = await _body(request, grab_decoder)
     engine.rate_limit_member(member)
-    coupon, _ = await engine.grab(member, request.match_info["round_id"],
-                                  body.venue_id, idem)  # type: ignore[attr-defined]
-    return json_response(CouponReply(coupon), status=201)
+    res = await engine.grab(member, request.match_info["round_id"],
+                            body.venue_id, idem)  # type: ignore[attr-defined]
+    if isinstance(res, errors.EngineError):
+        return error_response(res)
+    return json_response(CouponReply(res), status=201)
 
 
 async def my_coupons(request: web.Request) -> web.Response:
@@ -128,6 +138,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
+    engine.metrics.flush()
     # Merging every worker's sample files reads the disk: keep it off the event loop.
     body = await asyncio.get_running_loop().run_in_executor(None, engine.metrics.render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -96,38 +96,42 @@ class Engine:
     # Members
 
     async def grab(self, member_id: str, round_id: str, venue_id: str,
-                   idem_key: str | None) -> tuple[Coupon, bool]:
-        """(coupon, replayed) or a contract error."""
+                   idem_key: str | None) -> Coupon | errors.EngineError:
+        """The coupon (new, or replayed for a repeated Idempotency-Key) or the refusal.
+
+        Refusals are returned, not raised: this is the path a million members hit
+        at once, and raising through the handler, the middleware and aiohttp's
+        frames cost more than deciding. Store failures still raise ``Unavailable``.
+        """
         c = self.campaign
         r = c.round(round_id)
         if r is None:
             self.metrics.grab(round_id, "round_not_found")
-            raise errors.RoundNotFound()
+            return errors.RoundNotFound()
         if venue_id not in r.stock:
             self.metrics.grab(round_id, "venue_not_found")
-            raise errors.VenueNotFound()
+            return errors.VenueNotFound()
         now = self.state.redis_now_ms()
         if now < r.opens_at_ms - CLOCK_MARGIN_MS:
             self.metrics.grab(round_id, "round_not_open")
-            raise errors.RoundNotOpen(opens_at=rfc3339(r.opens_at_ms, c.timezone))
+            return errors.RoundNotOpen(opens_at=rfc3339(r.opens_at_ms, c.timezone))
         if now > r.closes_at_ms + CLOCK_MARGIN_MS:
             self.metrics.grab(round_id, "round_closed")
-            raise errors.RoundClosed()
+            return errors.RoundClosed()
         line = f"{round_id}:{venue_id}"
         if line in self.state.sold_out and (
                 idem_key is None or not await self.store.has_idempotency(member_id, idem_key)):
             # A keyed retry of a request that was granted must still find its coupon.
             self.metrics.grab(round_id, "sold_out")
-            raise errors.SoldOut()
+            return errors.SoldOut()
         with self.metrics.script("grab"):
             res = await self.store.grab(round_id, venue_id, member_id, idem_key)
         self.state.observe_clock(res.now_ms)
         self.metrics.grab(round_id, res.outcome.name.lower())
-        return self._grab_reply(res, member_id, round_id, venue_id, line), \
-            res.outcome is GrabOutcome.REPLAYED
+        return self._grab_reply(res, member_id, round_id, venue_id, line)
 
     def _grab_reply(self, res: GrabResult, member_id: str, round_id: str, venue_id: str,
-                    line: str) -> Coupon:
+                    line: str) -> Coupon | errors.EngineError:
         c = self.campaign
         oc = res.outcome
         if oc in (GrabOutcome.GRANTED, GrabOutcome.REPLAYED):
@@ -143,21 +147,21 @@ class Engine:
                 "valid_from": str(res.valid_from_ms), "valid_until": str(res.valid_until_ms)})
         if oc is GrabOutcome.SOLD_OUT:
             self.state.sold_out.add(line)
-            raise errors.SoldOut()
+            return errors.SoldOut()
         if oc is GrabOutcome.ROUND_NOT_OPEN:
-            raise errors.RoundNotOpen(opens_at=rfc3339(res.edge_ms, c.timezone))
+            return errors.RoundNotOpen(opens_at=rfc3339(res.edge_ms, c.timezone))
         if oc is GrabOutcome.ROUND_CLOSED:
-            raise errors.RoundClosed()
+            return errors.RoundClosed()
         if oc is GrabOutcome.ROUND_QUOTA:
-            raise errors.RoundQuotaExceeded()
+            return errors.RoundQuotaExceeded()
         if oc is GrabOutcome.CAMPAIGN_QUOTA:
-            raise errors.CampaignQuotaExceeded()
+            return errors.CampaignQuotaExceeded()
         if oc is GrabOutcome.IDEMPOTENCY_REUSED:
-            raise errors.IdempotencyKeyReused()
+            return errors.IdempotencyKeyReused()
         if oc is GrabOutcome.ROUND_NOT_FOUND:
-            raise errors.RoundNotFound()
+            return errors.RoundNotFound()
         if oc is GrabOutcome.VENUE_NOT_FOUND:
-            raise errors.VenueNotFound()
+            return errors.VenueNotFound()
         raise RuntimeError(f"grab.lua refused its arguments: {oc.name} {res.message}")
 
     async def my_coupons(self, member_id: str) -> list[Coupon]:
@@ -330,8 +334,10 @@ class Engine:
             try:
                 await self.refresh()
             except errors.Unavailable as exc:
+                _reraise_if_cancelling()
                 log.warning("state poll failed: %s", exc.message)
             except Exception:  # noqa: BLE001 - the poller must outlive any one bad poll
+                _reraise_if_cancelling()
                 log.exception("state poll failed")
             await asyncio.sleep(POLL_INTERVAL_S)
 
@@ -346,5 +352,14 @@ class Engine:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnect after any failure
+                _reraise_if_cancelling()
                 log.warning("notification channel lost (%s); reconnecting", exc)
                 await asyncio.sleep(1.0)
+
+
+def _reraise_if_cancelling() -> None:
+    """A client library may turn our cancellation into its own error (redis-py can
+    report a cancelled read as a timeout); a task asked to stop must still stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()

@@ -1,8 +1,10 @@
 """Everything the engine keeps in Redis, behind one class.
 
-Scripts are registered once per connection and called by SHA (redis-py
-reloads a script after a server restart wiped its cache). Every Redis
-failure leaves here as ``errors.Unavailable`` so the HTTP layer answers 503.
+The hot path (grab, redeem, void, the idempotency probe) goes through
+``wire.Wire``: one pipelined connection per worker with the scripts loaded at
+connect. Everything else (admin, polling, pub/sub, campaign loading) uses
+redis-py. Every Redis failure leaves here as ``errors.Unavailable`` so the
+HTTP layer answers 503.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .campaign import Campaign, UpdatePlan
 from .config import Settings
 from .domain import pairs_to_dict
 from .errors import Unavailable
-from .scripts import GrabOutcome, RedeemOutcome, VoidOutcome
+from .scripts import GrabOutcome, RedeemOutcome, Script, VoidOutcome
+from .wire import Address, Framed, ReplyError, Wire, WireError, framed
 
 log = logging.getLogger("engine.store")
 T = TypeVar("T")
@@ -68,6 +71,11 @@ def _redis_errors_to_unavailable(exc: Exception) -> Unavailable:
     return Unavailable(f"store unavailable: {type(exc).__name__}", headers={"Retry-After": "1"})
 
 
+# Error replies that mean "the store refuses for now", not "the engine is wrong".
+_UNAVAILABLE_PREFIXES = frozenset({"OOM", "LOADING", "READONLY", "MASTERDOWN", "BUSY",
+                                   "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "MISCONF"})
+
+
 async def guarded(op: Awaitable[T]) -> T:
     """Await a Redis operation; any store failure becomes a 503 ``unavailable``."""
     try:
@@ -76,9 +84,23 @@ async def guarded(op: Awaitable[T]) -> T:
         raise _redis_errors_to_unavailable(exc) from exc
     except rex.ResponseError as exc:
         # OOM, LOADING, READONLY, MASTERDOWN: the store refuses writes for now.
-        if str(exc).split(" ", 1)[0] in {"OOM", "LOADING", "READONLY", "MASTERDOWN", "BUSY"}:
+        if str(exc).split(" ", 1)[0] in _UNAVAILABLE_PREFIXES:
             raise _redis_errors_to_unavailable(exc) from exc
         raise
+
+
+def wire_for(client: aioredis.Redis, settings: Settings) -> Wire:
+    """A hot-path Wire to the same server (and database) as a redis-py client."""
+    kw = client.connection_pool.connection_kwargs
+    common = {"db": int(kw.get("db") or 0), "username": kw.get("username"),
+              "password": kw.get("password")}
+    if kw.get("path"):
+        addr = Address(path=kw["path"], **common)
+    else:
+        addr = Address(host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)),
+                       tls=client.connection_pool.connection_class.__name__ == "SSLConnection",
+                       **common)
+    return Wire(addr, scripts.all_scripts(), timeout=settings.redis_timeout)
 
 
 def client_for(settings: Settings, url: str, *, timeout: float | None = None) -> aioredis.Redis:
@@ -172,17 +194,38 @@ async def load_campaign(client: aioredis.Redis, new: Campaign) -> UpdatePlan:
 class Store:
     """The engine's Redis state for the one active campaign."""
 
-    def __init__(self, client: aioredis.Redis, campaign: Campaign, settings: Settings) -> None:
+    def __init__(self, client: aioredis.Redis, campaign: Campaign, settings: Settings,
+                 wire: Wire | None = None) -> None:
         self.redis = client
         self.campaign = campaign
         self.keys = keys.Keys(campaign.id)
         self.settings = settings
-        self._grab = client.register_script(scripts.load("grab").source)
-        self._redeem = client.register_script(scripts.load("redeem").source)
-        self._void = client.register_script(scripts.load("void").source)
+        self.wire = wire or wire_for(client, settings)
+        k = self.keys
+        # Keys every grab sends, framed once.
+        self._fixed: dict[str, Framed] = {
+            "campaign": framed(k.campaign), "stock": framed(k.stock),
+            "stats": framed(k.stats), "events": framed(k.events)}
+        self._round_keys: dict[str, Framed] = {}
+        self._grab = scripts.load("grab")
+        self._redeem = scripts.load("redeem")
+        self._void = scripts.load("void")
 
     async def close(self) -> None:
+        await self.wire.close()
         await self.redis.aclose()
+
+    async def _run(self, script: Script, keys_: list[str | Framed],
+                   argv: list[str | int]) -> Any:
+        """One script call on the hot path; store failures become ``Unavailable``."""
+        try:
+            return await self.wire.evalsha(script, keys_, argv)
+        except WireError as exc:
+            raise _redis_errors_to_unavailable(exc) from exc
+        except ReplyError as exc:
+            if exc.prefix in _UNAVAILABLE_PREFIXES:
+                raise _redis_errors_to_unavailable(exc) from exc
+            raise
 
     async def ping(self) -> bool:
         try:
@@ -195,15 +238,20 @@ class Store:
 
     async def grab(self, round_id: str, venue_id: str, member_id: str,
                    idem_key: str | None) -> GrabResult:
-        k = self.keys
+        k, f = self.keys, self._fixed
+        round_key = self._round_keys.get(round_id)
+        if round_key is None:
+            # Only rounds of the campaign reach here (the engine checks first).
+            round_key = self._round_keys[round_id] = framed(k.round(round_id))
         for _ in range(_CODE_ATTEMPTS):
             code = codes.new_code()
-            reply = await guarded(self._grab(
-                keys=[k.campaign, k.round(round_id), k.stock, k.stats, k.member(member_id),
-                      k.member_coupons(member_id), k.coupon(code),
-                      k.idempotency(member_id, idem_key or ""), k.events],
-                args=[round_id, venue_id, member_id, code, "1" if idem_key else "0",
-                      self.settings.idempotency_ttl_s]))
+            reply = await self._run(
+                self._grab,
+                [f["campaign"], round_key, f["stock"], f["stats"], k.member(member_id),
+                 k.member_coupons(member_id), k.coupon(code),
+                 k.idempotency(member_id, idem_key or ""), f["events"]],
+                [round_id, venue_id, member_id, code, "1" if idem_key else "0",
+                 self.settings.idempotency_ttl_s])
             result = _grab_result(reply)
             if result.outcome is not GrabOutcome.CODE_COLLISION:
                 return result
@@ -212,9 +260,9 @@ class Store:
 
     async def redeem(self, venue_id: str, code: str) -> ChangeResult:
         k = self.keys
-        reply = await guarded(self._redeem(
-            keys=[k.coupon(code), k.stats, k.venue_redemptions(venue_id), k.events],
-            args=[venue_id, code]))
+        reply = await self._run(
+            self._redeem, [k.coupon(code), k.stats, k.venue_redemptions(venue_id), k.events],
+            [venue_id, code])
         oc = scripts.outcome("redeem", int(reply[0]))
         now = int(reply[1])
         if oc is RedeemOutcome.REDEEMED:
@@ -224,9 +272,9 @@ class Store:
 
     async def void(self, member_id: str, code: str) -> ChangeResult:
         k = self.keys
-        reply = await guarded(self._void(
-            keys=[k.coupon(code), k.stock, k.stats, k.events],
-            args=[member_id, code, k.notify_channel]))
+        reply = await self._run(
+            self._void, [k.coupon(code), k.stock, k.stats, k.events],
+            [member_id, code, k.notify_channel])
         oc = scripts.outcome("void", int(reply[0]))
         now = int(reply[1])
         if oc is VoidOutcome.VOIDED:
@@ -273,7 +321,11 @@ class Store:
         return await guarded(lag(self.redis, self.campaign.id))
 
     async def has_idempotency(self, member_id: str, idem_key: str) -> bool:
-        return bool(await guarded(self.redis.exists(self.keys.idempotency(member_id, idem_key))))
+        try:
+            n = await self.wire.call("EXISTS", self.keys.idempotency(member_id, idem_key))
+        except (WireError, ReplyError) as exc:
+            raise _redis_errors_to_unavailable(exc) from exc
+        return bool(n)
 
     async def campaign_fingerprint(self) -> str | None:
         return await guarded(self.redis.hget(self.keys.campaign, "fingerprint"))

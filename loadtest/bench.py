@@ -4,8 +4,14 @@
                                        [--repeat 1] [--json loadtest/reports/bench.json]
 
 Phases, all with the same wrk connections and server worker count:
-  1 ceiling     a bare aiohttp+uvloop app (reuse_port, N processes), fixed JSON body
+  1a ceiling    a bare aiohttp+uvloop app (reuse_port, N processes), fixed JSON body, one
+                static GET request repeated by wrk
+  1b ceiling    the same bare app sent exactly the grab phase's requests (POST, a member
+                JWT each, a JSON body, built per request by the same wrk script); ratios
+                ("vs 1b") are taken against this one, since the load generator's own cost
+                per request is then the same on both sides of the ratio
   2 grab        POST grab with stock available, a different member JWT per request
+  2b grab       the same at --latency-connections (256) connections, for the p99 target
   3 sold_out    POST grab on a sold-out stock line; not_open: a round that opens tomorrow
   4 redeem      POST /v1/venue/redemptions of codes granted in phase 2, each once
   5 redis       redis-benchmark: EVALSHA of the engine's grab.lua, and INCR, -P 1 / -P 16
@@ -148,6 +154,7 @@ def _ceiling_worker(port: int) -> None:
     async def run() -> None:
         app = web.Application()
         app.router.add_get("/", hello)
+        app.router.add_post("/v1/rounds/{round_id}/grab", hello)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=4096).start()
@@ -226,7 +233,8 @@ def median_result(runs: list[Result]) -> Result:
 class Engine:
     """`coupon-engine serve` on an embedded Redis (appendfsync always) in a temp folder."""
 
-    def __init__(self, tmp: Path, workers: int, campaign: str | None = None) -> None:
+    def __init__(self, tmp: Path, workers: int, campaign: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -236,6 +244,7 @@ class Engine:
         self.env.update(COUPON_DATA_DIR=str(tmp / "var"),
                         COUPON_MEMBER_JWT_SECRET=self.member_secret,
                         COUPON_ADMIN_TOKEN=self.admin, COUPON_LOG_LEVEL="WARNING")
+        self.env.update(env or {})
         now = datetime.now(timezone.utc)
         campaign = campaign or campaign_toml(
             cid=CID, venues=[*BIG_VENUES, SOLD_OUT_VENUE], campaign_quota=3, budget_fen=10**12,
@@ -374,10 +383,11 @@ def run(args: argparse.Namespace) -> int:
         scripts[name] = tmp / f"{name}.lua"
         scripts[name].write_text(text)
 
-    def phase(name: str, url: str, script: str, wrk_args: list[str]) -> Result:
+    def phase(name: str, url: str, script: str, wrk_args: list[str],
+              conns: int | None = None) -> Result:
         runs: list[Result] = []
         for _ in range(reps):
-            runs.append(run_wrk(name, url, scripts[script], wrk_args, c, threads, d))
+            runs.append(run_wrk(name, url, scripts[script], wrk_args, conns or c, threads, d))
             # The next run starts after the members (or codes) the previous one used, so
             # a repeat measures the same path rather than round_quota_exceeded.
             wrk_args = [*wrk_args[:-1], str(runs[-1].next_index)]
@@ -394,7 +404,12 @@ def run(args: argparse.Namespace) -> int:
         port = free_port()
         ceiling = start_ceiling(port, w)
         try:
-            phase("1 ceiling (bare aiohttp)", f"http://127.0.0.1:{port}/", "plain", [])
+            phase("1a ceiling, static GET", f"http://127.0.0.1:{port}/", "plain", [])
+            ceiling_tokens = tmp / "ceiling-tokens.txt"
+            write_tokens(ceiling_tokens, "ceiling-secret-0123456789abcdef0123", 20_000)
+            phase("1b ceiling, grab requests", f"http://127.0.0.1:{port}/v1/rounds/R1/grab",
+                  "grab", [str(ceiling_tokens), str(threads), "/v1/rounds/R1/grab",
+                           ",".join(BIG_VENUES), "0"])
         finally:
             for p in ceiling:
                 if p.pid is not None:
@@ -420,6 +435,18 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= issued - granted <= c * reps:
             problems.append(f"grab: {granted} answered 201 but {issued} issued")
         problems += engine.check()
+        # The latency target is set at a bigger crowd: --latency-connections.
+        before = engine.issued()
+        g2 = phase(f"2b grab, {args.latency_connections} conns", grab_url, "grab",
+                   [str(tokens), str(threads), "/v1/rounds/R1/grab", ",".join(BIG_VENUES),
+                    str(g.next_index)], conns=args.latency_connections)
+        issued = engine.issued() - before
+        g2.note = f"issued {issued}, 201s {g2.statuses.get('201', 0)}"
+        if not 0 <= issued - g2.statuses.get("201", 0) <= args.latency_connections * reps:
+            problems.append(f"grab 2b: {g2.statuses.get('201', 0)} answered 201 but {issued} "
+                            "issued")
+        problems += engine.check()
+        g = g2  # later phases start after the members 2b used
 
         # Sell out the one-coupon line, then measure members hammering it.
         status, _ = http_json("POST", grab_url, {"venue_id": SOLD_OUT_VENUE},
@@ -493,10 +520,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(results: list[Result]) -> None:
-    ceiling = results[0].rps if results else 0.0
+    # Ratios against 1b: the same wrk script, so the same load-generator cost.
+    ceiling = next((r.rps for r in results if r.phase.startswith("1b")), 0.0)
     print()
     print(f"| {'phase':<31} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | "
-          f"{'vs (1)':>6} | statuses / note")
+          f"{'vs 1b':>6} | statuses / note")
     print(f"|{'-' * 33}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 8}|------")
     for r in results:
         ratio = f"{r.rps / ceiling:.2f}" if ceiling and not r.phase.startswith("5") else ""
@@ -514,9 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="server worker processes")
     p.add_argument("--wrk-threads", type=int, default=2)
+    p.add_argument("--latency-connections", type=int, default=256,
+                   help="connections of the extra grab phase that measures p99")
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk phase")
     p.add_argument("--repeat", type=int, default=1, help="runs per wrk phase (median)")
-    p.add_argument("--tokens", type=int, default=300_000, help="member tokens to pre-mint")
+    p.add_argument("--tokens", type=int, default=600_000, help="member tokens to pre-mint")
     p.add_argument("--redis-requests", type=int, default=100_000)
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data)")

@@ -25,7 +25,7 @@ from conftest import ADMIN, SECRET, campaign_toml, open_round
 from engine import campaign as cmp
 from engine.auth import mint_member_token
 from engine.config import Settings
-from engine.metrics import GRAB_OUTCOMES, Metrics
+from engine.metrics import FLUSH_INTERVAL_S, GRAB_OUTCOMES, Metrics
 from engine.store import Store
 
 CLI = [sys.executable, "-m", "engine.cli"]
@@ -250,7 +250,11 @@ def test_counts_across_two_workers(tmp_path: Path, redis_url: str) -> None:
         assert not (eng.data / "metrics" / "counter_999999.db").exists()
         sent = drive_traffic(eng)
         n = sum(sent.values())
-        for _ in range(4):  # any worker answers, every answer covers both
+        # Each worker applies its tallies to the shared files every FLUSH_INTERVAL_S;
+        # the scraped worker flushes its own first. Wait out one interval, then every
+        # answer of any worker must cover both.
+        time.sleep(2 * FLUSH_INTERVAL_S)
+        for _ in range(4):
             s = samples(eng.scrape())
             assert total(s, "coupon_grab_requests_total") == n
             for outcome, k in sent.items():
@@ -264,3 +268,25 @@ def test_counts_across_two_workers(tmp_path: Path, redis_url: str) -> None:
             assert total(s, "coupon_redis_script_duration_seconds_count", script="redeem") == 4
         # Each worker writes its own file; the merge above covered them all.
         assert len(list((eng.data / "metrics").glob("counter_*.db"))) >= 2
+
+
+def test_buffered_tallies_equal_direct_prometheus_updates() -> None:
+    """flush() must leave exactly what prometheus_client's own inc()/observe() would."""
+    from prometheus_client import CollectorRegistry
+    buffered, direct = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    durations = [0.0, 0.0001, 0.00025, 0.0003, 0.001, 0.0049, 0.3, 2.5, 7.0, 0.00025]
+    for i, d in enumerate(durations):
+        status = 503 if i % 4 == 0 else 201
+        buffered.http("/v1/rounds/{round_id}/grab", "POST", status, d)
+        direct.http_duration.labels("/v1/rounds/{round_id}/grab", "POST", str(status)).observe(d)
+        if status == 503:
+            direct.store_unavailable.inc()
+        buffered.grab("R1", "granted")
+        direct.grab_requests.labels("other", "granted").inc()
+    def values(m: Metrics) -> dict:
+        # *_created samples hold creation times, which differ by construction.
+        return {k: v for k, v in samples(m.render().decode()).items()
+                if not k[0].endswith("_created")}
+    assert values(buffered) != values(direct)
+    buffered.flush()
+    assert values(buffered) == values(direct)
