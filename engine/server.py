@@ -113,8 +113,17 @@ async def run_archiver(settings: Settings, url: str) -> None:
     log.info("ledger archiver stopped")
 
 
+# The archiver copies what Redis already holds durably; during a burst it yields the
+# CPU to the workers and Redis and catches up after (its lag is a dashboard panel).
+ARCHIVER_NICENESS = 10
+
+
 def archiver_main(settings: Settings, url: str) -> None:
     _setup_logging(settings.log_level)
+    try:
+        os.nice(ARCHIVER_NICENESS)
+    except OSError as exc:  # not allowed here: run at normal priority
+        log.warning("could not lower the archiver's priority: %s", exc)
     import uvloop
     uvloop.run(run_archiver(settings, url))
 
