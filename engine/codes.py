@@ -3,7 +3,10 @@
 Canonical form is 17 upper-case characters; people see it grouped as
 ``XXXX-XXXX-XXXX-XXXX-C``. Parsing is forgiving in the ways the contract
 fixes (case, spaces, dashes, I/L -> 1, O -> 0) and strict in all others, so a
-mistyped code is caught here, before any store is asked.
+mistyped code is caught here, before any store is asked. The check catches
+every single-symbol error and every adjacent swap except ``0`` <-> ``Z`` (Luhn
+mod N's blind spot, like 0 <-> 9 in decimal Luhn); such a code is then an
+unknown code at the store, nothing worse.
 """
 
 from __future__ import annotations
