@@ -1,4 +1,5 @@
-"""Ledger subcommands: archive, reconcile, settle, statement (contract section 4).
+"""Ledger subcommands: archive, reconcile, settle, statement (contract section 4),
+and restore (rebuild Redis from the ledger, docs/ledger.md "Restore").
 
 ``register(subparsers)`` adds them to the main ``coupon-engine`` parser; each
 sets ``func(args) -> int``. Exit 0 on success, 2 on bad input with one line on
@@ -20,7 +21,8 @@ from typing import Any, Callable, Iterator
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 
-from . import archiver, reconcile
+from . import archiver, reconcile, restore
+from . import campaign as cmp
 from .config import Settings, from_env
 from .embedded import EmbeddedRedisError, ensure_running
 from .ledger import Ledger
@@ -145,6 +147,110 @@ def _do_statement(ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+class _Refused(Exception):
+    """Bad input for restore: exit 2 with this reason."""
+
+
+def _restore_campaign(ledger: Ledger, path: str | None) -> cmp.Campaign:
+    """The campaign to rebuild: the ledger's copy (what Redis last served), or the
+    file given when the ledger has none. A file that differs from the ledger's
+    copy is refused: restore that copy, then ``campaign load`` the file, which
+    applies the rules for changing a loaded campaign."""
+    if path is None:
+        c = ledger.campaign()
+        if c is None:
+            raise _Refused("the ledger holds no campaign document; pass --campaign FILE")
+        return c
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as exc:
+        raise _Refused(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        from_file = cmp.parse_campaign(text)
+    except cmp.CampaignError as exc:
+        raise _Refused(str(exc)) from None
+    kept = ledger.campaign(from_file.id)
+    if kept is not None and kept != from_file:
+        raise _Refused(f"{path} differs from the ledger's copy of campaign {from_file.id}; run"
+                       " restore without --campaign, then `coupon-engine campaign load"
+                       f" {path}` to apply the change")
+    return from_file
+
+
+def _restore_summary(t: restore.Target, verb: str = "restored") -> str:
+    r = t.report
+    lines = [
+        f"{verb} campaign {t.campaign_id}: {r.events} ledger event(s), {r.coupons} coupon(s)"
+        f" ({r.redeemed} redeemed, {r.void} void), {r.members} member(s),"
+        f" {r.idempotency_restored} idempotency record(s)"
+        f" ({r.idempotency_expired} expired, not restored)",
+        f"event stream resumes after {r.last_event_id or '0-0'}; the archiver's group"
+        f" '{archiver.GROUP}' is positioned there",
+    ]
+    if r.grants_without_key_record:
+        lines.append(f"warning: {r.grants_without_key_record} recent grant(s) were archived"
+                     " before grant events carried the Idempotency-Key; their replay records"
+                     " are not rebuilt")
+    lines += [f"warning: {w}" for w in r.warnings]
+    lines.append("note: venue API keys are not in the ledger; issue new ones with"
+                 " `coupon-engine token venue VENUE_ID` for each venue")
+    return "\n".join(lines)
+
+
+async def _restore(url: str, ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
+    client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+    try:
+        c = _restore_campaign(ledger, args.campaign)
+        existing = await restore.inspect(client, c.id)
+        why = restore.check_target(existing, c.id, args.force)
+        if why:
+            raise _Refused(why)
+        if existing.interrupted:
+            print("a previous restore of this campaign did not finish; starting over")
+        elif not existing.empty:
+            # --force over live state: whatever its stream holds goes to the ledger first.
+            n = await archiver.archive_once(client, ledger, campaign_id=c.id)
+            print(f"--force: archived {n} new event(s) from the existing stream first")
+            c = _restore_campaign(ledger, args.campaign)
+        from .store import redis_time_ms
+        now = await redis_time_ms(client)
+        events = await asyncio.to_thread(ledger.events_of, c.id)
+        target = restore.build(c, events, now, s.idempotency_ttl_s)
+        await restore.apply(client, target, batch=args.batch,
+                            crash_point=os.environ.get(restore.CRASH_ENV) or None)
+        print(_restore_summary(target))
+        return 0
+    finally:
+        await client.aclose()
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    if args.batch < 1:
+        return _fail("--batch must be positive")
+    if not s.ledger_path.is_file():
+        return _fail(f"no ledger at {s.ledger_path}; restore rebuilds Redis from it")
+    try:
+        with Ledger(s.ledger_path) as ledger:
+            if args.dry_run:
+                from .domain import utc_now_ms
+                c = _restore_campaign(ledger, args.campaign)
+                target = restore.build(c, ledger.events_of(c.id), utc_now_ms(),
+                                       s.idempotency_ttl_s)
+                print("dry run, nothing written")
+                print(_restore_summary(target, "would restore"))
+                return 0
+            with _redis_url(s, required=True) as url:
+                assert url is not None
+                return asyncio.run(_restore(url, ledger, s, args))
+    except (_Refused, restore.RestoreError) as exc:
+        return _fail(str(exc))
+    except EmbeddedRedisError as exc:
+        return _fail(str(exc), 1)
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        return _fail(f"cannot reach Redis: {exc}", 1)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None,
                    help="Redis URL (default: COUPON_REDIS_URL, else the embedded Redis)")
@@ -173,6 +279,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=".", metavar="DIR")
     _common(p)
     p.set_defaults(func=_ledger_command(_do_statement))
+
+    p = subparsers.add_parser(
+        "restore", help="rebuild the campaign's Redis state from the ledger after Redis lost it")
+    p.add_argument("--campaign", default=None, metavar="FILE",
+                   help="campaign file, only needed when the ledger holds no copy of it")
+    p.add_argument("--force", action="store_true",
+                   help="replace state this Redis already holds for the campaign"
+                        " (its stream is archived first)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the ledger and print what would be restored; touch no Redis")
+    p.add_argument("--batch", type=int, default=restore.DEFAULT_BATCH, metavar="N",
+                   help="Redis commands per pipelined write (default %(default)s)")
+    _common(p)
+    p.set_defaults(func=cmd_restore)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS events (
     venue_id    TEXT NOT NULL,
     member_id   TEXT NOT NULL,
     at_ms       INTEGER NOT NULL,          -- Redis server time of the change
-    restocked   INTEGER                    -- void only: 1 if the stock went back to an open round
+    restocked   INTEGER,                   -- void only: 1 if the stock went back to an open round
+    idem_key    TEXT                       -- grant only: the request's Idempotency-Key, '' = none,
+                                           -- NULL = archived before grants carried it
 );
 CREATE INDEX IF NOT EXISTS events_venue_type ON events (venue_id, type);
 CREATE INDEX IF NOT EXISTS events_code ON events (code);
@@ -96,6 +98,26 @@ class LedgerError(RuntimeError):
     pass
 
 
+def stream_id_key(event_id: str) -> tuple[int, int]:
+    """A Redis stream id ('<ms>-<seq>') as a sortable pair: '999-0' < '1000-0'."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One ``events`` row, as restore reads it."""
+    event_id: str
+    type: str
+    code: str
+    round_id: str
+    venue_id: str
+    member_id: str
+    at_ms: int
+    restocked: int | None
+    idem_key: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class CouponRow:
     code: str
@@ -136,6 +158,21 @@ class Ledger:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a ledger file written by an older version up to this schema.
+
+        v2 added ``events.idem_key`` (for ``coupon-engine restore``); older rows keep
+        NULL there, meaning "not recorded".
+        """
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(events)")}
+        if "idem_key" not in cols:
+            try:
+                self.db.execute("ALTER TABLE events ADD COLUMN idem_key TEXT")
+            except sqlite3.OperationalError as exc:  # another process migrated first
+                if "duplicate column" not in str(exc):
+                    raise
 
     def close(self) -> None:
         self.db.close()
@@ -180,11 +217,14 @@ class Ledger:
                     raise LedgerError(f"stream entry {event_id} has unknown type {etype!r}")
                 at = int(f["at"])
                 restocked = int(f["restocked"]) if "restocked" in f else None
+                # Grants carry 'idem' ('' = no key); an event from before that has none.
+                idem = f.get("idem") if etype == "grant" else None
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO events (event_id, campaign_id, type, code, round_id,"
-                    " venue_id, member_id, at_ms, restocked) VALUES (?,?,?,?,?,?,?,?,?)",
+                    " venue_id, member_id, at_ms, restocked, idem_key)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (event_id, campaign_id, etype, f["code"], f["round"], f["venue"],
-                     f["member"], at, restocked))
+                     f["member"], at, restocked, idem))
                 if cur.rowcount != 1:
                     continue
                 new += 1
@@ -206,6 +246,14 @@ class Ledger:
 
     def event_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    def events_of(self, campaign_id: str) -> list[EventRow]:
+        """Every event of the campaign, in stream order (ids compared as numbers)."""
+        rows = [EventRow(*r) for r in self.db.execute(
+            "SELECT event_id, type, code, round_id, venue_id, member_id, at_ms, restocked,"
+            " idem_key FROM events WHERE campaign_id = ?", (campaign_id,))]
+        rows.sort(key=lambda e: stream_id_key(e.event_id))
+        return rows
 
     # -- campaign copy ----------------------------------------------------------
 

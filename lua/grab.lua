@@ -8,7 +8,9 @@
 --   5 member hash       cpn:{C}:member:<M>      (fields total, r:<R>)
 --   6 member list       cpn:{C}:mcoupons:<M>    (codes, newest first)
 --   7 coupon hash       cpn:{C}:coupon:<code>   (the new coupon)
---   8 idempotency key   cpn:{C}:idem:<M>:<key>  (unused when ARGV[5] = 0)
+--   8 idempotency key   cpn:{C}:idem:<M>:<key>  (unused when ARGV[5] = 0; when 1, the
+--                       request's key is read back from this name, after ':idem:<M>:',
+--                       for the grant event's 'idem' field)
 --   9 event stream      cpn:{C}:events
 -- ARGV
 --   1 round id
@@ -58,6 +60,16 @@ if not code or #code ~= 17 or not string.match(code, '^[0-9A-Z]+$') then
 end
 if not member_id or member_id == '' then
   return {11, now, 'member id is empty'}
+end
+-- The request's Idempotency-Key goes into the grant event (field 'idem', '' when
+-- none) so that `coupon-engine restore` can rebuild the idempotency records.
+local idem_key = ''
+if use_idem == '1' then
+  local _, stop = string.find(KEYS[8], ':idem:' .. member_id .. ':', 1, true)
+  if not stop or stop == #KEYS[8] then
+    return {11, now, 'idempotency key name must end with :idem:<member>:<key>'}
+  end
+  idem_key = string.sub(KEYS[8], stop + 1)
 end
 
 local fingerprint = round_id .. '/' .. venue_id
@@ -121,5 +133,5 @@ if use_idem == '1' then
     fingerprint .. '|' .. code .. '|' .. now .. '|' .. r[4] .. '|' .. r[5], 'EX', ttl)
 end
 redis.call('XADD', KEYS[9], '*', 'type', 'grant', 'code', code, 'round', round_id,
-  'venue', venue_id, 'member', member_id, 'at', now)
+  'venue', venue_id, 'member', member_id, 'at', now, 'idem', idem_key)
 return {0, now, code, now, tonumber(r[4]), tonumber(r[5]), remaining}
