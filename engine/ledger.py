@@ -244,8 +244,11 @@ class Ledger:
                                    (campaign_id,))
         return [r[0] for r in rows]
 
-    def event_count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+    def event_count(self, campaign_id: str | None = None) -> int:
+        if campaign_id is None:
+            return self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+        return self.db.execute("SELECT count(*) FROM events WHERE campaign_id = ?",
+                               (campaign_id,)).fetchone()[0]
 
     def events_of(self, campaign_id: str) -> list[EventRow]:
         """Every event of the campaign, in stream order (ids compared as numbers)."""

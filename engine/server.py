@@ -42,6 +42,22 @@ def sample_campaign_text() -> str:
     return resources.files("engine.data").joinpath("sample_campaign.toml").read_text("utf-8")
 
 
+def refuse_if_redis_lost_state(settings: Settings, campaign_id: str) -> None:
+    """Redis holds no campaign, yet the ledger has this campaign's events: Redis lost
+    its data. Loading the campaign now would put its full stock on sale again."""
+    from .ledger import Ledger
+    if not settings.ledger_path.exists():
+        return
+    with Ledger(settings.ledger_path) as led:
+        n = led.event_count(campaign_id)
+    if n:
+        raise ServeError(
+            f"Redis holds no campaign, but the ledger {settings.ledger_path} has {n} events "
+            f"of campaign {campaign_id}: Redis has lost its state. Loading the campaign "
+            "would sell its stock a second time. Run 'coupon-engine restore' first "
+            "(docs/ledger.md, \"Restore\").")
+
+
 async def prepare(settings: Settings, url: str, embedded: bool) -> cmp.Campaign:
     """Check Redis, load the campaign; return what the workers will serve."""
     client = client_for(settings, url, timeout=5.0)
@@ -56,12 +72,15 @@ async def prepare(settings: Settings, url: str, embedded: bool) -> cmp.Campaign:
                 log.warning("unsafe Redis setting accepted: %s", p)
         if settings.campaign_file is not None:
             new = cmp.parse_campaign(Path(settings.campaign_file).read_text("utf-8"))
+            if await active_campaign(client) is None:
+                refuse_if_redis_lost_state(settings, new.id)
             plan = await load_campaign(client, new)
             log.info("campaign %s %s", new.id, "unchanged" if plan.noop else "loaded")
         else:
             current = await active_campaign(client)
             if current is None:
                 sample = cmp.parse_campaign(sample_campaign_text())
+                refuse_if_redis_lost_state(settings, sample.id)
                 now = await redis_time_ms(client)
                 new = cmp.shifted_for_demo(sample, now)
                 await load_campaign(client, new)

@@ -166,3 +166,32 @@ def test_serve_archives_into_the_ledger_and_reconciles(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert proc.returncode == 0
+
+
+async def test_serve_refuses_an_empty_redis_that_the_ledger_knows(
+        make_engine, redis_url: str, tmp_path: Path, write_campaign) -> None:
+    """Redis lost everything, the ledger did not: loading would sell the stock twice."""
+    import pytest
+
+    from conftest import campaign_toml, open_round
+    from engine import archiver
+    from engine.config import Settings
+    from engine.ledger import Ledger
+    from engine.server import ServeError, prepare
+
+    text = campaign_toml(rounds=[open_round(redis_url)])
+    e = await make_engine(text)
+    resp = await e.client.post("/v1/rounds/R1/grab", json={"venue_id": "V01"},
+                               headers=e.member("m1"))
+    assert resp.status == 201
+    settings = Settings(data_dir=tmp_path / "var", campaign_file=write_campaign(text))
+    with Ledger(settings.ledger_path) as led:
+        assert await archiver.archive_once(e.redis, led) == 1
+    await e.redis.flushall()
+    with pytest.raises(ServeError, match="coupon-engine restore"):
+        await prepare(settings, redis_url, embedded=False)
+    assert await e.redis.dbsize() == 0  # nothing was loaded
+    # A data directory without that history loads as before.
+    fresh = Settings(data_dir=tmp_path / "other", campaign_file=settings.campaign_file)
+    loaded = await prepare(fresh, redis_url, embedded=False)
+    assert loaded.id == "test-c"
