@@ -35,12 +35,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 404:
             err: errors.EngineError = errors.NotFound(f"no route {request.path}")
         elif exc.status == 405:
-            err = errors.MethodNotAllowed()
+            # RFC 9110: a 405 names the allowed methods.
+            err = errors.MethodNotAllowed(headers={"Allow": exc.headers.get("Allow", "")})
         elif exc.status == 413:
             err = errors.InvalidRequest("request body too large")
         else:
             raise
-        return json_response(err.body(), status=err.status)
+        resp = json_response(err.body(), status=err.status)
+        resp.headers.update(err.headers)
+        return resp
     except asyncio.CancelledError:
         raise
     except Exception:
