@@ -43,7 +43,8 @@ def engine_middleware(metrics: Metrics) -> Callable[[web.Request, Handler],
             if exc.status == 404:
                 err: errors.EngineError = errors.NotFound(f"no route {request.path}")
             elif exc.status == 405:
-                err = errors.MethodNotAllowed()
+                # RFC 9110: a 405 names the allowed methods.
+                err = errors.MethodNotAllowed(headers={"Allow": exc.headers.get("Allow", "")})
             elif exc.status == 413:
                 err = errors.InvalidRequest("request body too large")
             else:
@@ -85,6 +86,11 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
                         metrics=metrics)
         metrics.prime(campaign)
         await engine.refresh()
+        # Connect the hot path now (scripts loaded, SHAs checked), not on the first grab.
+        try:
+            await engine.store.wire.call("PING")
+        except Exception as exc:  # noqa: BLE001 - the first call will retry the connect
+            log.warning("hot-path redis connection not ready at start: %s", exc)
         app[ENGINE] = engine
         tasks = [asyncio.create_task(engine.poll_forever(), name="state-poller"),
                  asyncio.create_task(engine.listen_forever(), name="notify-listener"),

@@ -124,6 +124,8 @@ class MemberVerifier:
             del self._cache[token]
         if len(token) > MAX_TOKEN_LEN:
             raise Unauthorized("token too long")
+        if not token.isascii():
+            raise Unauthorized("invalid member token: not ASCII")
         parts = token.split(".")
         if len(parts) != 3:
             raise Unauthorized("invalid member token: not a compact JWS")
@@ -165,6 +167,8 @@ class MemberVerifier:
 
 
 def check_admin(token: str, admin_token: str) -> None:
+    if not token.isascii():
+        raise Unauthorized("invalid admin token")
     if not hmac.compare_digest(token.encode(), admin_token.encode()):
         raise Unauthorized("invalid admin token")
 

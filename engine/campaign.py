@@ -17,7 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# \Z, not $: $ also matches before a final newline ("m1\n" is not an id).
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 VENUE_KINDS = ("ski", "skating", "hot_spring", "snow_park", "scenic")
 
 

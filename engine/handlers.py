@@ -18,10 +18,27 @@ from .service import Engine
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 READY: web.AppKey[dict[str, bool]] = web.AppKey("ready", dict)
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
+# One lock per venue and worker around code lookups and redemptions: the venue's
+# unknown-code budget is checked before the store is asked and spent after it
+# answers, so concurrent requests would all pass the check (a flood of 100
+# concurrent random codes met 100 x 404 with a limit of 10).
+VENUE_LOCKS: web.AppKey[dict[str, asyncio.Lock]] = web.AppKey("venue_locks", dict)
 
 MAX_BODY = 4096
 _IDEM_RE = re.compile(r"^[\x21-\x7e]{1,64}$")
 _JSON = "application/json"
+
+
+def _authorization(request: web.Request) -> str | None:
+    """The Authorization header; credentials are ASCII, anything else is a 401 here.
+
+    Bytes that are not UTF-8 reach aiohttp's headers as lone surrogates, which the
+    token checks cannot encode (a 500 before this guard).
+    """
+    value = request.headers.get("Authorization")
+    if value is not None and not value.isascii():
+        raise errors.Unauthorized("Authorization must be ASCII")
+    return value
 
 
 def json_response(payload: object, status: int = 200) -> web.Response:
@@ -52,7 +69,7 @@ async def _body(request: web.Request, decoder: msgspec.json.Decoder) -> object:
 
 async def grab(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    member = engine.member(request.headers.get("Authorization"))
+    member = engine.member(_authorization(request))
     idem = request.headers.get("Idempotency-Key")
     if idem is not None and not _IDEM_RE.match(idem):
         raise errors.InvalidRequest("Idempotency-Key must be 1-64 printable ASCII characters")
@@ -67,20 +84,20 @@ async def grab(request: web.Request) -> web.Response:
 
 async def my_coupons(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    member = engine.member(request.headers.get("Authorization"))
+    member = engine.member(_authorization(request))
     return json_response(CouponsReply(await engine.my_coupons(member)))
 
 
 async def void_coupon(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    member = engine.member(request.headers.get("Authorization"))
+    member = engine.member(_authorization(request))
     engine.rate_limit_member(member)
     return json_response(CouponReply(await engine.void(member, request.match_info["code"])))
 
 
 async def coupon_qr(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    member = engine.member(request.headers.get("Authorization"))
+    member = engine.member(_authorization(request))
     coupon = await engine.my_coupon(member, request.match_info["code"])
     return web.Response(body=qr.svg(coupon.code), content_type="image/svg+xml")
 
@@ -93,22 +110,34 @@ async def round_(request: web.Request) -> web.Response:
     return json_response(RoundReply(request.app[ENGINE].round(request.match_info["round_id"])))
 
 
+def _venue_lock(request: web.Request, venue_id: str) -> asyncio.Lock:
+    locks = request.app[VENUE_LOCKS]
+    lock = locks.get(venue_id)
+    if lock is None:
+        lock = locks[venue_id] = asyncio.Lock()
+    return lock
+
+
 async def venue_coupon(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    venue = await engine.venue(request.headers.get("Authorization"))
-    return json_response(CouponReply(await engine.venue_lookup(venue, request.match_info["code"])))
+    venue = await engine.venue(_authorization(request))
+    async with _venue_lock(request, venue):
+        coupon = await engine.venue_lookup(venue, request.match_info["code"])
+    return json_response(CouponReply(coupon))
 
 
 async def redeem(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    venue = await engine.venue(request.headers.get("Authorization"))
+    venue = await engine.venue(_authorization(request))
     body = await _body(request, redeem_decoder)
-    return json_response(CouponReply(await engine.redeem(venue, body.code)))  # type: ignore[attr-defined]
+    async with _venue_lock(request, venue):
+        coupon = await engine.redeem(venue, body.code)  # type: ignore[attr-defined]
+    return json_response(CouponReply(coupon))
 
 
 async def venue_redemptions(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    venue = await engine.venue(request.headers.get("Authorization"))
+    venue = await engine.venue(_authorization(request))
     since_text = request.query.get("since")
     since = 0
     if since_text is not None:
@@ -121,7 +150,7 @@ async def venue_redemptions(request: web.Request) -> web.Response:
 
 async def admin_stats(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    engine.admin(request.headers.get("Authorization"))
+    engine.admin(_authorization(request))
     return json_response(await engine.round_stats(request.match_info["round_id"]))
 
 
@@ -149,6 +178,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[VENUE_LOCKS] = {}
     r = app.router
     r.add_post("/v1/rounds/{round_id}/grab", grab)
     r.add_get("/v1/me/coupons", my_coupons)

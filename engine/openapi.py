@@ -1,4 +1,11 @@
-"""The OpenAPI 3 document for every route, built from the msgspec Structs."""
+"""The OpenAPI 3 document for every route, built from the msgspec Structs.
+
+Every route of ``handlers.add_routes`` is here with its parameters, body,
+credentials and every status the contract (``../shared/contract.md``) names.
+Each error response's schema pins ``error.code`` to the contract's codes for
+that status and allows only the extra fields the contract names, so a
+schema-conformance run (schemathesis in ``.ci/run``) catches a wrong code too.
+"""
 
 from __future__ import annotations
 
@@ -8,44 +15,84 @@ import msgspec
 
 from . import schemas
 
-_ERR = {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {
-        "type": "object", "required": ["code", "message"],
-        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-        "additionalProperties": True}},
-}
+JSON = "application/json"
+IDENT_PATTERN = "^[A-Za-z0-9_.-]+$"
+_TIME = {"type": "string", "format": "date-time"}
+
+# Extra fields the contract adds to an error body, by code.
+_EXTRA = {"round_not_open": "opens_at", "already_redeemed": "redeemed_at",
+          "coupon_not_yet_valid": "valid_from", "coupon_expired": "valid_until"}
+# Errors that carry a Retry-After header (whole seconds).
+_RETRY = {429, 503}
+
+_RETRY_AFTER = {"description": "seconds to wait before retrying", "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+
+
+def _error_schema(codes: tuple[str, ...]) -> dict[str, Any]:
+    props: dict[str, Any] = {"code": {"type": "string", "enum": list(codes)},
+                             "message": {"type": "string"}}
+    for c in codes:
+        if c in _EXTRA:
+            props[_EXTRA[c]] = _TIME
+    return {"type": "object", "required": ["error"], "additionalProperties": False,
+            "properties": {"error": {"type": "object", "required": ["code", "message"],
+                                     "additionalProperties": False, "properties": props}}}
 
 
 def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
+    """Responses for ``(status, "code_a code_b")`` pairs (codes separated by spaces)."""
     out: dict[str, Any] = {}
     for status, codes in pairs:
-        out[str(status)] = {"description": codes,
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        names = tuple(codes.split())
+        resp: dict[str, Any] = {"description": ", ".join(names),
+                                "content": {JSON: {"schema": _error_schema(names)}}}
+        if status in _RETRY:
+            resp["headers"] = {"Retry-After": _RETRY_AFTER}
+        out[str(status)] = resp
     return out
 
 
-def _ok(status: int, ref: str, ctype: str = "application/json") -> dict[str, Any]:
-    schema = {"$ref": f"#/components/schemas/{ref}"} if ref else {"type": "string"}
-    return {str(status): {"description": "success", "content": {ctype: {"schema": schema}}}}
+def _ok(status: int, ref: str, description: str = "success",
+        links: dict[str, Any] | None = None) -> dict[str, Any]:
+    resp: dict[str, Any] = {"description": description, "content": {
+        JSON: {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+    if links:
+        resp["links"] = links
+    return {str(status): resp}
 
 
-def _op(summary: str, ok: dict[str, Any], errs: dict[str, Any], *, security: str | None,
-        params: list[dict[str, Any]] | None = None, body: str | None = None) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {**ok, **errs}}
-    if security:
-        op["security"] = [{security: []}]
+def _op(op_id: str, summary: str, ok: dict[str, Any], errs: dict[str, Any], *,
+        security: str | None, params: list[dict[str, Any]] | None = None,
+        body: str | None = None, description: str | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary,
+                          "responses": {**ok, **errs}}
+    if description:
+        op["description"] = description
+    # Public operations say so explicitly (an empty requirement list).
+    op["security"] = [{security: []}] if security else []
     if params:
         op["parameters"] = params
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {
+        op["requestBody"] = {"required": True, "content": {JSON: {
             "schema": {"$ref": f"#/components/schemas/{body}"}}}}
     return op
 
 
-def _path(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True,
-            "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
+def _round_param() -> dict[str, Any]:
+    return {"name": "round_id", "in": "path", "required": True,
+            "description": "a round id (unknown ids answer 404 round_not_found)",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 64,
+                       "pattern": IDENT_PATTERN}, "example": "R1"}
+
+
+def _code_param() -> dict[str, Any]:
+    return {"name": "code", "in": "path", "required": True,
+            "description": "a coupon code as shown (XXXX-XXXX-XXXX-XXXX-C) or typed: case, "
+                           "spaces, dashes, I/L for 1 and O for 0 are forgiven; anything "
+                           "else, or a failed check character, answers 404 coupon_not_found",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+            "example": "7K3M-Q9ZR-4TXW-2HBN-P"}
 
 
 AUTH = (401, "unauthorized")
@@ -57,72 +104,124 @@ def document() -> bytes:
         [schemas.GrabRequest, schemas.RedeemRequest, schemas.CouponReply, schemas.CouponsReply,
          schemas.RedemptionsReply, schemas.RoundReply, schemas.RoundsReply, schemas.RoundStats],
         ref_template="#/components/schemas/{name}")
-    components["Error"] = _ERR
+    # Bodies: unknown fields are refused (400), as the contract says.
+    for name in ("GrabRequest", "RedeemRequest"):
+        components[name]["additionalProperties"] = False
+    components["GrabRequest"]["examples"] = [{"venue_id": "V01"}]
+    components["RedeemRequest"]["examples"] = [{"code": "7K3M-Q9ZR-4TXW-2HBN-P"}]
+    # Wire times are RFC 3339 with an offset; redeemed_at is null until redeemed.
+    coupon = components["Coupon"]["properties"]
+    for f in ("issued_at", "valid_from", "valid_until"):
+        coupon[f] = _TIME
+    coupon["redeemed_at"] = {"anyOf": [_TIME, {"type": "null"}]}
+    for f in ("opens_at", "closes_at"):
+        components["RoundView"]["properties"][f] = _TIME
+    components["Health"] = {"type": "object", "required": ["status"],
+                            "properties": {"status": {"type": "string", "enum": ["ok"]}}}
+    components["Ready"] = {"type": "object", "required": ["status", "campaign_id"],
+                           "properties": {"status": {"type": "string", "enum": ["ready"]},
+                                          "campaign_id": {"type": "string"}}}
+
     idem = {"name": "Idempotency-Key", "in": "header", "required": False,
+            "description": "1-64 printable ASCII characters; a replay of the same key and "
+                           "body returns the first result again (status included); the same "
+                           "key with another body answers 422 idempotency_key_reused",
             "schema": {"type": "string", "minLength": 1, "maxLength": 64,
                        "pattern": "^[\\x21-\\x7e]+$"}}
+    since = {"name": "since", "in": "query", "required": False,
+             "description": "RFC 3339 time with an offset; redemptions at or after it, "
+                            "oldest first, at most 1,000 (default: from the start)",
+             "schema": {"type": "string", "format": "date-time"}}
+    code_from_grab = {"code": "$response.body#/coupon/code"}
+    grab_links = {
+        "VoidCoupon": {"operationId": "voidCoupon", "parameters": code_from_grab},
+        "CouponQr": {"operationId": "couponQr", "parameters": code_from_grab},
+        "LookUpCoupon": {"operationId": "venueLookUpCoupon", "parameters": code_from_grab},
+        "RedeemCoupon": {"operationId": "redeemCoupon", "requestBody": code_from_grab},
+    }
     paths = {
         "/v1/rounds/{round_id}/grab": {"post": _op(
-            "Grab a coupon", _ok(201, "CouponReply"),
+            "grabCoupon", "Grab a coupon", _ok(201, "CouponReply", "granted (or replayed)",
+                                               links=grab_links),
             _errors((400, "invalid_request"), AUTH,
-                    (404, "round_not_found, venue_not_found"),
-                    (409, "round_not_open, round_quota_exceeded, campaign_quota_exceeded"),
-                    (410, "round_closed, sold_out"), (422, "idempotency_key_reused"),
+                    (404, "round_not_found venue_not_found"),
+                    (409, "round_not_open round_quota_exceeded campaign_quota_exceeded"),
+                    (410, "round_closed sold_out"), (422, "idempotency_key_reused"),
                     (429, "rate_limited"), UNAVAILABLE),
-            security="member", params=[_path("round_id"), idem], body="GrabRequest")},
-        "/v1/me/coupons": {"get": _op("My coupons, newest first", _ok(200, "CouponsReply"),
-                                      _errors(AUTH, UNAVAILABLE), security="member")},
+            security="member", params=[_round_param(), idem], body="GrabRequest",
+            description="A venue with no stock line in the round is venue_not_found.")},
+        "/v1/me/coupons": {"get": _op(
+            "myCoupons", "My coupons, newest first", _ok(200, "CouponsReply"),
+            _errors(AUTH, UNAVAILABLE), security="member")},
         "/v1/me/coupons/{code}": {"delete": _op(
-            "Hand a coupon back", _ok(200, "CouponReply"),
-            _errors(AUTH, (404, "coupon_not_found"), (409, "already_redeemed, already_void"),
+            "voidCoupon", "Hand a coupon back", _ok(200, "CouponReply", "now void"),
+            _errors(AUTH, (404, "coupon_not_found"), (409, "already_redeemed already_void"),
                     (429, "rate_limited"), UNAVAILABLE),
-            security="member", params=[_path("code")])},
+            security="member", params=[_code_param()],
+            description="Another member's code is coupon_not_found.")},
         "/v1/me/coupons/{code}/qr.svg": {"get": _op(
-            "My coupon as a QR code", {"200": {"description": "SVG", "content": {
+            "couponQr", "My coupon as a QR code", {"200": {"description": "SVG", "content": {
                 "image/svg+xml": {"schema": {"type": "string"}}}}},
             _errors(AUTH, (404, "coupon_not_found"), UNAVAILABLE),
-            security="member", params=[_path("code")])},
-        "/v1/rounds": {"get": _op("All rounds", _ok(200, "RoundsReply"), {}, security=None)},
+            security="member", params=[_code_param()])},
+        "/v1/rounds": {"get": _op("listRounds", "All rounds", _ok(200, "RoundsReply"), {},
+                                  security=None)},
         "/v1/rounds/{round_id}": {"get": _op(
-            "One round", _ok(200, "RoundReply"), _errors((404, "round_not_found")),
-            security=None, params=[_path("round_id")])},
+            "getRound", "One round", _ok(200, "RoundReply"), _errors((404, "round_not_found")),
+            security=None, params=[_round_param()])},
         "/v1/venue/coupons/{code}": {"get": _op(
-            "Look at a coupon without redeeming it", _ok(200, "CouponReply"),
+            "venueLookUpCoupon", "Look at a coupon without redeeming it",
+            _ok(200, "CouponReply"),
             _errors(AUTH, (403, "wrong_venue"), (404, "coupon_not_found"),
                     (429, "rate_limited"), UNAVAILABLE),
-            security="venue", params=[_path("code")])},
+            security="venue", params=[_code_param()])},
         "/v1/venue/redemptions": {
-            "post": _op("Redeem a coupon", _ok(200, "CouponReply"),
+            "post": _op("redeemCoupon", "Redeem a coupon", _ok(200, "CouponReply", "redeemed"),
                         _errors((400, "invalid_request"), AUTH, (403, "wrong_venue"),
                                 (404, "coupon_not_found"),
-                                (409, "already_redeemed, coupon_void, coupon_not_yet_valid"),
+                                (409, "already_redeemed coupon_void coupon_not_yet_valid"),
                                 (410, "coupon_expired"), (429, "rate_limited"), UNAVAILABLE),
-                        security="venue", body="RedeemRequest"),
-            "get": _op("This venue's redemptions", _ok(200, "RedemptionsReply"),
+                        security="venue", body="RedeemRequest",
+                        description="Unknown, forged or mistyped codes are all "
+                                    "coupon_not_found; too many of them from one venue in a "
+                                    "minute answer 429 rate_limited."),
+            "get": _op("venueRedemptions", "This venue's redemptions",
+                       _ok(200, "RedemptionsReply"),
                        _errors((400, "invalid_request"), AUTH, UNAVAILABLE), security="venue",
-                       params=[{"name": "since", "in": "query", "required": False,
-                                "schema": {"type": "string", "format": "date-time"}}])},
+                       params=[since])},
         "/v1/admin/rounds/{round_id}/stats": {"get": _op(
-            "Per-venue stock, issued, void, redeemed", _ok(200, "RoundStats"),
+            "roundStats", "Per-venue stock, issued, void, redeemed", _ok(200, "RoundStats"),
             _errors(AUTH, (404, "round_not_found"), UNAVAILABLE), security="admin",
-            params=[_path("round_id")])},
-        "/healthz": {"get": _op("Process is up", {"200": {"description": "up"}}, {},
+            params=[_round_param()])},
+        "/healthz": {"get": _op("healthz", "Process is up", _ok(200, "Health"), {},
                                 security=None)},
-        "/readyz": {"get": _op("Redis answers and a campaign is loaded",
-                               {"200": {"description": "ready"}}, _errors(UNAVAILABLE),
-                               security=None)},
-        "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text", "content": {
-            "text/plain": {"schema": {"type": "string"}}}}}, {}, security=None)},
-        "/openapi.json": {"get": _op("This document", {"200": {"description": "OpenAPI"}}, {},
-                                     security=None)},
+        "/readyz": {"get": _op("readyz", "Redis answers and a campaign is loaded",
+                               _ok(200, "Ready"), _errors(UNAVAILABLE), security=None)},
+        "/metrics": {"get": _op("metrics", "Prometheus metrics of all workers",
+                                {"200": {"description": "Prometheus text format", "content": {
+                                    "text/plain": {"schema": {"type": "string"}}}}}, {},
+                                security=None)},
+        "/openapi.json": {"get": _op("openapi", "This document", {"200": {
+            "description": "OpenAPI 3", "content": {JSON: {"schema": {"type": "object"}}}}}, {},
+            security=None)},
     }
     doc = {
-        "openapi": "3.0.3",
-        "info": {"title": "coupon engine", "version": "1"},
+        "openapi": "3.1.0",
+        "info": {"title": "coupon engine", "version": "1",
+                 "description": "Errors are {\"error\": {\"code\", \"message\", ...}} with the "
+                                "contract's codes; unknown JSON fields are refused with 400."},
         "paths": paths,
         "components": {"schemas": components, "securitySchemes": {
-            "member": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-            "venue": {"type": "http", "scheme": "bearer"},
-            "admin": {"type": "http", "scheme": "bearer"}}},
+            "member": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                       "description": "Authorization: Bearer <member JWT>, HS256 from the "
+                                      "union's identity service; sub = member id, exp "
+                                      "required"},
+            "venue": {"type": "http", "scheme": "bearer",
+                      "bearerFormat": "vk.<venue id>.<key id>.<secret>",
+                      "description": "Authorization: Bearer <venue API key>, from "
+                                     "'coupon-engine token venue ID'"},
+            "admin": {"type": "http", "scheme": "bearer",
+                      "description": "Authorization: Bearer <operator token>, "
+                                     "COUPON_ADMIN_TOKEN"}}},
     }
     return msgspec.json.encode(doc)

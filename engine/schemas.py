@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -15,8 +16,17 @@ class Body(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Base of every request body: unknown fields are a 400."""
 
 
+# msgspec matches ``pattern`` with re.search, where "$" also matches before a final
+# newline ("V01\n" passed); the whole string must be an identifier.
+_IDENT_FULL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 class GrabRequest(Body):
     venue_id: Ident
+
+    def __post_init__(self) -> None:
+        if not _IDENT_FULL.fullmatch(self.venue_id):
+            raise ValueError("venue_id must be 1-64 characters of A-Za-z0-9_.-")
 
 
 class RedeemRequest(Body):

@@ -82,6 +82,9 @@ async def guarded(op: Awaitable[T]) -> T:
         return await op
     except (rex.ConnectionError, rex.TimeoutError, asyncio.TimeoutError, OSError) as exc:
         raise _redis_errors_to_unavailable(exc) from exc
+    except (rex.OutOfMemoryError, rex.ReadOnlyError) as exc:
+        # redis-py strips the OOM / READONLY prefix from these two: match the class.
+        raise _redis_errors_to_unavailable(exc) from exc
     except rex.ResponseError as exc:
         # OOM, LOADING, READONLY, MASTERDOWN: the store refuses writes for now.
         if str(exc).split(" ", 1)[0] in _UNAVAILABLE_PREFIXES:

@@ -270,15 +270,20 @@ class Wire:
             _, proto = await loop.create_connection(lambda: _Protocol(self), a.host, a.port,
                                                     ssl=ctx)
         try:
+            # The whole handshake in one round trip: a slow Redis costs one delay here.
+            setup: list[asyncio.Future[Any]] = []
             if a.password:
                 auth = [a.username, a.password] if a.username else [a.password]
-                await self._send(proto, _pack(["AUTH", *auth]))
+                setup.append(self._send(proto, _pack(["AUTH", *auth])))
             if a.db:
-                await self._send(proto, _pack(["SELECT", a.db]))
-            for s in self.scripts:
-                sha = await self._send(proto, _pack(["SCRIPT", "LOAD", s.source]))
-                if sha != s.sha:
-                    raise WireError(f"redis hashed {s.name}.lua as {sha!r}, expected {s.sha}")
+                setup.append(self._send(proto, _pack(["SELECT", a.db])))
+            loads = [self._send(proto, _pack(["SCRIPT", "LOAD", s.source]))
+                     for s in self.scripts]
+            await asyncio.gather(*setup, *loads)
+            for s, fut in zip(self.scripts, loads):
+                if fut.result() != s.sha:
+                    raise WireError(f"redis hashed {s.name}.lua as {fut.result()!r}, "
+                                    f"expected {s.sha}")
         except BaseException:
             if proto.transport is not None:
                 proto.transport.abort()

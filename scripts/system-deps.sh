@@ -5,6 +5,9 @@ need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-benchmark >/dev/null || need+=(redis-tools)
 command -v curl >/dev/null || need+=(curl)
+# Fault tests (tests/test_faults.py): strace traces the AOF's fsyncs, libfaketime skews clocks.
+command -v strace >/dev/null || need+=(strace)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
 [ "${WITH_OPS_TOOLS:-0}" = 1 ] && { command -v prometheus >/dev/null || need+=(prometheus); command -v wrk >/dev/null || need+=(wrk); }
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ]; then
