@@ -3,7 +3,7 @@
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
-command -v redis-benchmark >/dev/null || need+=(redis-tools)
+command -v redis-benchmark >/dev/null && command -v redis-cli >/dev/null || need+=(redis-tools)  # redis-cli builds the test cluster
 command -v curl >/dev/null || need+=(curl)
 [ "${WITH_OPS_TOOLS:-0}" = 1 ] && { command -v prometheus >/dev/null || need+=(prometheus); command -v wrk >/dev/null || need+=(wrk); }
 [ ${#need[@]} -eq 0 ] && exit 0
