@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from engine.embedded import EmbeddedRedis
+from engine.embedded import EmbeddedRedis, EmbeddedRedisError
 
 # Short enough that a primary killed for longer is marked failed quickly, long
 # enough that a loaded 2-core machine does not see false failures.
@@ -68,8 +68,15 @@ class LocalCluster:
                 raise RuntimeError(f"{exe} is not installed (apt-get install redis-server"
                                    " redis-tools)")
         for i in range(self.size):
-            node = EmbeddedRedis(self.root / f"node{i}", port=free_port())
-            node.start(self.extra())
+            for attempt in range(3):
+                # Another job may take the port between our probe and the start.
+                node = EmbeddedRedis(self.root / f"node{i}-{attempt}", port=free_port())
+                try:
+                    node.start(self.extra())
+                    break
+                except EmbeddedRedisError:
+                    if attempt == 2:
+                        raise
             self.nodes.append(node)
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import random
 import time
 from collections import Counter
@@ -17,11 +16,10 @@ from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import pytest
-import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from clusterkit import LocalCluster
-from conftest import ADMIN, SECRET, campaign_toml, iso  # noqa: F401
+from conftest import ADMIN, SECRET, campaign_toml
 from engine import archiver, cli, keys, scripts
 from engine import campaign as cmp
 from engine.app import create_app
@@ -32,7 +30,7 @@ from engine.handlers import ENGINE
 from engine.wire import framed
 from engine.ledger import Ledger
 from engine.redisconn import open_client
-from engine.store import Store, check_safety, cluster_wire_for, load_campaign
+from engine.store import Store, check_safety, load_campaign
 from engine.wire import Address, ReplyError
 
 CID = "snow-cl"
@@ -192,6 +190,14 @@ async def test_idempotent_replay_redeem_once_void_and_every_route(
         assert s.status == 200
         assert (await http.get("/readyz")).status == 200
         assert (await http.get("/v1/rounds")).status == 200
+        # The state poll (stock, TIME on the campaign's primary, fingerprint, stats,
+        # ledger lag) runs against the cluster.
+        eng = http.server.app[ENGINE]
+        await eng.refresh()
+        assert eng.state.remaining == {"R1:V01": 4, "R1:V02": 5}
+        assert abs(eng.state.clock_offset_ms) < 5_000
+        text = await (await http.get("/metrics")).text()
+        assert "coupon" in text
     assert crossslot_errors(cluster) == before
 
 
