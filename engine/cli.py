@@ -59,6 +59,8 @@ def with_redis(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
         finally:
             await client.aclose()
 
+    if settings.redis_cluster and not settings.redis_url:
+        return fail("--redis-cluster needs --redis-url (a seed node of the cluster)")
     with redis_url_for(settings) as url:
         return asyncio.run(run(url))
 

@@ -51,6 +51,8 @@ def _redis_url(s: Settings, required: bool) -> Iterator[str | None]:
     if s.redis_url:
         yield s.redis_url
         return
+    if s.redis_cluster:
+        raise EmbeddedRedisError("--redis-cluster needs --redis-url (a seed node of the cluster)")
     if not required and not s.redis_dir.exists():
         yield None
         return

@@ -314,6 +314,18 @@ def test_serve_with_redis_cluster_needs_a_url(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["serve", "--redis-cluster", "--data-dir", str(tmp_path)]) == 2
     assert "--redis-cluster needs --redis-url" in capsys.readouterr().err
+    f = tmp_path / "c.toml"
+    from datetime import datetime, timedelta, timezone
+    opens = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    f.write_text(campaign_toml(cid=CID, rounds=[
+        {"id": "R1", "opens": opens, "closes": opens + timedelta(hours=1),
+         "stock": {"V01": 1}}]), encoding="utf-8")
+    assert cli.main(["campaign", "load", str(f), "--redis-cluster", "--data-dir",
+                     str(tmp_path)]) == 2
+    assert "--redis-cluster needs --redis-url" in capsys.readouterr().err
+    assert cli.main(["archive", "--redis-cluster", "--data-dir", str(tmp_path)]) == 1
+    assert "--redis-cluster needs --redis-url" in capsys.readouterr().err
+    assert not (tmp_path / "redis").exists()  # no embedded Redis was started
 
 
 # --- ClusterWire: routing, redirections, CROSSSLOT ---------------------------------
