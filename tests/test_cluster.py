@@ -536,6 +536,12 @@ async def test_sigkill_of_the_campaign_primary_mid_burst_keeps_the_invariants(
         for m in members:
             total = int(await r.hget(K.member(m), "total") or 0)
             assert total == (1 if m in granted else 0), m
+        # The event stream survived too: the ledger gets exactly the grants.
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            assert await archiver.archive_once(r, ledger) == stock
+            rows = ledger.coupons_by_code(granted.values())
+            assert {code: row.member_id for code, row in rows.items()} == {
+                code: m for m, code in granted.items()}
         # A replay after the restart returns the first result.
         m0 = next(iter(granted))
         st, body = await grab(http, m0, "V01", f"{m0}-tap")
