@@ -33,6 +33,7 @@ from redis import exceptions as rex
 from . import campaign as cmp
 from . import keys
 from .ledger import Ledger
+from .redisconn import open_client
 
 log = logging.getLogger("engine.archiver")
 
@@ -222,7 +223,8 @@ async def archive_follow(client: aioredis.Redis, ledger: Ledger, stop: asyncio.E
             total += await archive_once(client, ledger, consumer, batch=batch,
                                         min_idle_ms=min_idle_ms, crash_point=crash_point)
             backoff = interval_s
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        except (rex.ConnectionError, rex.TimeoutError, OSError, rex.ClusterDownError,
+                rex.RedisClusterException) as exc:
             log.warning("archiver: Redis unavailable (%s); retrying", exc)
             backoff = min(backoff * 2, 10.0)
         except Exception:
@@ -239,14 +241,14 @@ async def archive_follow(client: aioredis.Redis, ledger: Ledger, stop: asyncio.E
 
 async def run_in_background(redis_url: str, ledger_path: Path | str, stop: asyncio.Event,
                             campaign_id: str | None = None, *,
-                            interval_s: float = 0.5) -> int:
+                            interval_s: float = 0.5, cluster: bool = False) -> int:
     """What ``serve`` runs as a background task: its own connection and ledger.
 
     ``campaign_id`` is accepted for symmetry; the active campaign is read from
     Redis on every pass so a newly loaded campaign is picked up.
     """
     del campaign_id
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = open_client(redis_url, cluster=cluster)
     ledger = Ledger(ledger_path)
     try:
         return await archive_follow(client, ledger, stop, interval_s=interval_s)

@@ -24,6 +24,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return s.with_overrides(
         data_dir=getattr(args, "data_dir", None),
         redis_url=getattr(args, "redis_url", None),
+        redis_cluster=True if getattr(args, "redis_cluster", False) else None,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         workers=getattr(args, "workers", None),
@@ -58,6 +59,8 @@ def with_redis(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
         finally:
             await client.aclose()
 
+    if settings.redis_cluster and not settings.redis_url:
+        return fail("--redis-cluster needs --redis-url (a seed node of the cluster)")
     with redis_url_for(settings) as url:
         return asyncio.run(run(url))
 
@@ -147,7 +150,11 @@ def _venue_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", help="Redis URL (else COUPON_REDIS_URL, else embedded)")
+    p.add_argument("--redis-url", help="Redis URL (else COUPON_REDIS_URL, else embedded);"
+                   " redis+cluster://HOST:PORT names a Redis Cluster seed node")
+    p.add_argument("--redis-cluster", action="store_true",
+                   help="the --redis-url is a seed node of a Redis Cluster"
+                        " (else COUPON_REDIS_CLUSTER)")
     p.add_argument("--data-dir", type=Path, help="data directory (else COUPON_DATA_DIR, ./var)")
 
 

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import redis.asyncio as aioredis
 from redis import exceptions as rex
 
 from . import archiver, reconcile, restore
@@ -26,6 +25,7 @@ from . import campaign as cmp
 from .config import Settings, from_env
 from .embedded import EmbeddedRedisError, ensure_running
 from .ledger import Ledger
+from .redisconn import open_client
 
 log = logging.getLogger("engine.cli_ledger")
 CRASH_ENV = "COUPON_ARCHIVER_CRASH_POINT"
@@ -39,6 +39,7 @@ def _fail(reason: str, status: int = 2) -> int:
 def _settings(args: argparse.Namespace) -> Settings:
     return from_env().with_overrides(
         redis_url=getattr(args, "redis_url", None),
+        redis_cluster=True if getattr(args, "redis_cluster", False) else None,
         data_dir=Path(args.data_dir) if getattr(args, "data_dir", None) else None)
 
 
@@ -52,6 +53,8 @@ def _redis_url(s: Settings, required: bool) -> Iterator[str | None]:
     if s.redis_url:
         yield s.redis_url
         return
+    if s.redis_cluster:
+        raise EmbeddedRedisError("--redis-cluster needs --redis-url (a seed node of the cluster)")
     if not required and not s.redis_dir.exists():
         yield None
         return
@@ -70,8 +73,9 @@ def _redis_url(s: Settings, required: bool) -> Iterator[str | None]:
         cm.__exit__(None, None, None)
 
 
-async def _archive(url: str, ledger: Ledger, follow: bool, crash_point: str | None) -> int:
-    client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+async def _archive(url: str, ledger: Ledger, follow: bool, crash_point: str | None,
+                   cluster: bool = False) -> int:
+    client = open_client(url, cluster=cluster, connect_timeout=5)
     try:
         if not follow:
             return await archiver.archive_once(client, ledger, crash_point=crash_point)
@@ -90,10 +94,10 @@ def cmd_archive(args: argparse.Namespace) -> int:
     try:
         with Ledger(s.ledger_path) as ledger, _redis_url(s, required=True) as url:
             assert url is not None
-            n = asyncio.run(_archive(url, ledger, args.follow, crash))
+            n = asyncio.run(_archive(url, ledger, args.follow, crash, s.redis_cluster))
     except EmbeddedRedisError as exc:
         return _fail(str(exc), 1)
-    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+    except (rex.ConnectionError, rex.TimeoutError, OSError, rex.RedisClusterException) as exc:
         return _fail(f"cannot reach Redis: {exc}", 1)
     print(f"archived {n} new event(s) into {s.ledger_path}")
     return 0
@@ -106,8 +110,9 @@ def _catch_up(s: Settings, ledger: Ledger) -> None:
         with _redis_url(s, required=False) as url:
             if url is None:
                 return
-            asyncio.run(_archive(url, ledger, False, None))
-    except (rex.ConnectionError, rex.TimeoutError, OSError, EmbeddedRedisError) as exc:
+            asyncio.run(_archive(url, ledger, False, None, s.redis_cluster))
+    except (rex.ConnectionError, rex.TimeoutError, OSError, rex.RedisClusterException,
+            EmbeddedRedisError) as exc:
         print(f"coupon-engine: warning: Redis unreachable ({exc}); using the ledger as"
               " last archived", file=sys.stderr)
 
@@ -254,6 +259,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None,
                    help="Redis URL (default: COUPON_REDIS_URL, else the embedded Redis)")
+    p.add_argument("--redis-cluster", action="store_true",
+                   help="the --redis-url is a seed node of a Redis Cluster")
     p.add_argument("--data-dir", default=None,
                    help="data directory (default: COUPON_DATA_DIR, else ./var)")
 

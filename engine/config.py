@@ -17,6 +17,9 @@ class Settings:
 
     data_dir: Path = Path("./var")
     redis_url: str | None = None
+    # The URL names a seed node of a Redis Cluster (also implied by the
+    # ``redis+cluster://`` scheme).
+    redis_cluster: bool = False
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -57,6 +60,13 @@ class Settings:
     def metrics_dir(self) -> Path:
         return self.data_dir / "metrics"
 
+    @property
+    def cluster(self) -> bool:
+        """True when Redis is a cluster, by flag or by URL scheme."""
+        url = self.redis_url or ""
+        return self.redis_cluster or url.split("://", 1)[0].lower() in (
+            "redis+cluster", "rediss+cluster")
+
     def with_overrides(self, **changes: Any) -> "Settings":
         """Return a copy with the non-None values of ``changes`` applied."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -75,6 +85,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         changes["data_dir"] = Path(v)
     if v := env.get("COUPON_REDIS_URL"):
         changes["redis_url"] = v
+    if v := env.get("COUPON_REDIS_CLUSTER"):
+        changes["redis_cluster"] = _bool(v)
     if v := env.get("COUPON_HOST"):
         changes["host"] = v
     if v := env.get("COUPON_PORT"):

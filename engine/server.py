@@ -128,7 +128,7 @@ async def run_archiver(settings: Settings, url: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("ledger archiver writing %s", settings.ledger_path)
-    await run_in_background(url, settings.ledger_path, stop)
+    await run_in_background(url, settings.ledger_path, stop, cluster=settings.redis_cluster)
     log.info("ledger archiver stopped")
 
 
@@ -167,6 +167,10 @@ def serve(settings: Settings) -> int:
     _setup_logging(settings.log_level)
     redis: EmbeddedRedis | None = None
     url = settings.redis_url
+    if url is None and settings.cluster:
+        print("coupon-engine: --redis-cluster needs --redis-url (a seed node of the cluster)",
+              file=sys.stderr)
+        return 2
     if url is None:
         redis = EmbeddedRedis(settings.redis_dir)
         redis.start()

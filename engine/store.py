@@ -2,9 +2,11 @@
 
 The hot path (grab, redeem, void, the idempotency probe) goes through
 ``wire.Wire``: one pipelined connection per worker with the scripts loaded at
-connect. Everything else (admin, polling, pub/sub, campaign loading) uses
-redis-py. Every Redis failure leaves here as ``errors.Unavailable`` so the
-HTTP layer answers 503.
+connect (on a Redis Cluster, ``clusterwire.ClusterWire``: one such connection
+per primary, routed by slot). Everything else (admin, polling, pub/sub,
+campaign loading) uses redis-py (``RedisCluster`` on a cluster, see
+``redisconn``). Every Redis failure leaves here as ``errors.Unavailable`` so
+the HTTP layer answers 503.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import redis.asyncio as aioredis
 from redis import exceptions as rex
 
 from . import campaign as cmp
-from . import codes, keys, scripts
+from . import codes, keys, redisconn, scripts
 from .campaign import Campaign, UpdatePlan
+from .clusterwire import ClusterWire
 from .config import Settings
 from .domain import pairs_to_dict
 from .errors import Unavailable
@@ -80,7 +83,8 @@ async def guarded(op: Awaitable[T]) -> T:
     """Await a Redis operation; any store failure becomes a 503 ``unavailable``."""
     try:
         return await op
-    except (rex.ConnectionError, rex.TimeoutError, asyncio.TimeoutError, OSError) as exc:
+    except (rex.ConnectionError, rex.TimeoutError, asyncio.TimeoutError, OSError,
+            rex.ClusterDownError, rex.SlotNotCoveredError) as exc:
         raise _redis_errors_to_unavailable(exc) from exc
     except (rex.OutOfMemoryError, rex.ReadOnlyError) as exc:
         # redis-py strips the OOM / READONLY prefix from these two: match the class.
@@ -92,8 +96,11 @@ async def guarded(op: Awaitable[T]) -> T:
         raise
 
 
-def wire_for(client: aioredis.Redis, settings: Settings) -> Wire:
-    """A hot-path Wire to the same server (and database) as a redis-py client."""
+def wire_for(client: redisconn.AnyClient, settings: Settings) -> Wire | ClusterWire:
+    """A hot-path Wire to the same server (and database) as a redis-py client; for a
+    ``RedisCluster``, a ClusterWire seeded with the nodes the client knows."""
+    if redisconn.is_cluster(client):
+        return cluster_wire_for(client, settings)
     kw = client.connection_pool.connection_kwargs
     common = {"db": int(kw.get("db") or 0), "username": kw.get("username"),
               "password": kw.get("password")}
@@ -106,11 +113,25 @@ def wire_for(client: aioredis.Redis, settings: Settings) -> Wire:
     return Wire(addr, scripts.all_scripts(), timeout=settings.redis_timeout)
 
 
-def client_for(settings: Settings, url: str, *, timeout: float | None = None) -> aioredis.Redis:
+def cluster_wire_for(client: Any, settings: Settings) -> ClusterWire:
+    nm = client.nodes_manager
+    nodes = {**nm.startup_nodes, **nm.nodes_cache}.values()
+    seeds = []
+    for n in nodes:
+        kw = n.connection_kwargs
+        seeds.append(Address(host=n.host, port=int(n.port), username=kw.get("username"),
+                             password=kw.get("password"),
+                             tls=n.connection_class.__name__ == "SSLConnection"))
+    return ClusterWire(seeds, scripts.all_scripts(), timeout=settings.redis_timeout)
+
+
+def client_for(settings: Settings, url: str, *,
+               timeout: float | None = None) -> redisconn.AnyClient:
+    """The engine's redis-py client: a ``RedisCluster`` for ``redis+cluster://`` URLs
+    or with ``settings.redis_cluster``, else a plain one."""
     t = settings.redis_timeout if timeout is None else timeout
-    return aioredis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=t, socket_connect_timeout=t,
-        retry_on_timeout=False, health_check_interval=0, max_connections=256)
+    return redisconn.open_client(url, cluster=settings.redis_cluster, timeout=t,
+                                 connect_timeout=t, max_connections=256)
 
 
 async def connect_with_retry(client: aioredis.Redis, attempts: int,
@@ -120,32 +141,46 @@ async def connect_with_retry(client: aioredis.Redis, attempts: int,
         try:
             await client.ping()
             return
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        except (rex.ConnectionError, rex.TimeoutError, OSError, rex.ClusterDownError,
+                rex.RedisClusterException) as exc:
             if i == attempts:
                 raise
             log.warning("redis not answering (%s), attempt %d/%d", exc, i, attempts)
             await asyncio.sleep(min(delay * i, 2.0))
 
 
-async def check_safety(client: aioredis.Redis) -> list[str]:
-    """Settings of this Redis that break the engine's durability promise."""
+async def check_safety(client: redisconn.AnyClient) -> list[str]:
+    """Settings of this Redis (of every primary of a cluster) that break the engine's
+    durability promise."""
     problems = []
-    try:
-        for name, want in REQUIRED_CONFIG.items():
-            got = (await client.config_get(name)).get(name)
-            if got != want:
-                problems.append(f"{name} is {got!r}, the engine needs {want!r}")
-    except rex.ResponseError as exc:
-        problems.append(f"cannot read CONFIG ({exc}); durability cannot be verified")
+    if redisconn.is_cluster(client):
+        targets: list[tuple[str, Any]] = [
+            (f"{n.host}:{n.port}: ", n) for n in await redisconn.primaries(client)]
+    else:
+        targets = [("", None)]
+    for where, node in targets:
+        kw = {"target_nodes": node} if node is not None else {}
+        try:
+            for name, want in REQUIRED_CONFIG.items():
+                got = (await client.config_get(name, **kw)).get(name)
+                if got != want:
+                    problems.append(f"{where}{name} is {got!r}, the engine needs {want!r}")
+        except rex.ResponseError as exc:
+            problems.append(f"{where}cannot read CONFIG ({exc}); durability cannot be verified")
     return problems
 
 
-async def redis_time_ms(client: aioredis.Redis) -> int:
-    sec, usec = await client.time()
+async def redis_time_ms(client: Any, key: str | None = None) -> int:
+    """The server's clock; on a cluster, the clock of the primary serving ``key``
+    (the one whose scripts decide about that campaign), else of any node."""
+    if key is not None and redisconn.is_cluster(client):
+        sec, usec = await client.time(target_nodes=await redisconn.owner_of(client, key))
+    else:
+        sec, usec = await client.time()
     return int(sec) * 1000 + int(usec) // 1000
 
 
-async def active_campaign(client: aioredis.Redis) -> Campaign | None:
+async def active_campaign(client: redisconn.AnyClient) -> Campaign | None:
     cid = await client.get(keys.ACTIVE)
     if cid is None:
         return None
@@ -153,24 +188,79 @@ async def active_campaign(client: aioredis.Redis) -> Campaign | None:
     return cmp.from_json(doc) if doc else None
 
 
-async def load_campaign(client: aioredis.Redis, new: Campaign) -> UpdatePlan:
-    """Load or update the campaign atomically; CampaignError leaves Redis untouched."""
+# Compare-and-set of cpn:active, which is alone in its slot on a cluster:
+# KEYS[1] = cpn:active, ARGV[1] = the campaign loading, ARGV[2] = the stale id it
+# may replace ('' for none). Returns 1, or the id of the campaign that holds it.
+_CLAIM_ACTIVE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return 1 end
+if cur == false or cur == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return cur
+"""
+
+
+async def _claim_active(client: redisconn.AnyClient, new_id: str, stale: str) -> None:
+    got = await client.eval(_CLAIM_ACTIVE, 1, keys.ACTIVE, new_id, stale)
+    if got != 1:
+        raise cmp.CampaignError(f"this engine holds campaign {got!r}; refusing to load"
+                                f" {new_id!r}")
+
+
+async def load_campaign(client: redisconn.AnyClient, new: Campaign) -> UpdatePlan:
+    """Load or update the campaign atomically; CampaignError leaves Redis untouched.
+
+    ``cpn:active`` has no hash tag (on a cluster it lives in another slot than
+    the campaign's keys), so it is never in the campaign's transaction:
+
+    1. Read it; another campaign whose data exists -> refused, nothing written.
+    2. WATCH the campaign hash, read the loaded version, plan the update
+       (a refused plan writes nothing).
+    3. Claim ``cpn:active`` by compare-and-set (a concurrent load of another
+       campaign loses here, before writing anything).
+    4. MULTI/EXEC the campaign's keys (one slot); retried from 2 if the hash
+       changed under the WATCH.
+
+    A crash between 3 and 4 leaves ``cpn:active`` naming a campaign with no
+    data: loading that campaign again finishes the job, and loading another one
+    replaces the stale name (step 1 sees no data behind it).
+    """
     k = keys.Keys(new.id)
-    async with client.pipeline(transaction=True) as pipe:
+    current = await client.get(keys.ACTIVE)
+    stale = ""
+    if current is not None and current != new.id:
+        if await client.exists(keys.Keys(current).campaign):
+            raise cmp.CampaignError(
+                f"this engine holds campaign {current!r}; refusing to load {new.id!r}")
+        log.warning("cpn:active names campaign %r, which has no data (an interrupted"
+                    " load); replacing it with %r", current, new.id)
+        stale = current
+    # On a cluster, WATCH/MULTI go to the primary serving the campaign's slot.
+    tx = await redisconn.node_client(client, k.campaign)
+    try:
+        return await _load_tagged(client, tx, new, stale)
+    finally:
+        await redisconn.release(client, tx)
+
+
+async def _load_tagged(client: redisconn.AnyClient, tx: aioredis.Redis, new: Campaign,
+                       stale: str) -> UpdatePlan:
+    k = keys.Keys(new.id)
+    async with tx.pipeline(transaction=True) as pipe:
         while True:
             try:
-                await pipe.watch(keys.ACTIVE, k.campaign)
-                old = await active_campaign(pipe)
-                if old is not None and old.id != new.id:
-                    raise cmp.CampaignError(
-                        f"this engine holds campaign {old.id!r}; refusing to load {new.id!r}")
+                await pipe.watch(k.campaign)
+                doc = await pipe.hget(k.campaign, "doc")
+                old = cmp.from_json(doc) if doc else None
                 now = await redis_time_ms(pipe)
                 plan = cmp.plan_update(old, new, now)
+                await _claim_active(client, new.id, stale)
                 if plan.noop:
                     await pipe.reset()
                     return plan
                 pipe.multi()
-                pipe.set(keys.ACTIVE, new.id)
                 pipe.hset(k.campaign, mapping={
                     "id": new.id, "quota": new.member_campaign_quota,
                     "doc": cmp.to_json(new), "fingerprint": new.fingerprint()})
@@ -197,8 +287,8 @@ async def load_campaign(client: aioredis.Redis, new: Campaign) -> UpdatePlan:
 class Store:
     """The engine's Redis state for the one active campaign."""
 
-    def __init__(self, client: aioredis.Redis, campaign: Campaign, settings: Settings,
-                 wire: Wire | None = None) -> None:
+    def __init__(self, client: redisconn.AnyClient, campaign: Campaign, settings: Settings,
+                 wire: Wire | ClusterWire | None = None) -> None:
         self.redis = client
         self.campaign = campaign
         self.keys = keys.Keys(campaign.id)
@@ -237,7 +327,7 @@ class Store:
             return False
 
     async def time_ms(self) -> int:
-        return await guarded(redis_time_ms(self.redis))
+        return await guarded(redis_time_ms(self.redis, self.keys.campaign))
 
     async def grab(self, round_id: str, venue_id: str, member_id: str,
                    idem_key: str | None) -> GrabResult:
@@ -372,14 +462,19 @@ class Store:
 
     async def subscribe_notifications(self) -> AsyncIterator[str]:
         """Messages on the campaign's notify channel, until cancelled."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.keys.notify_channel)
+        # On a cluster a PUBLISH (void.lua's included) reaches subscribers on every
+        # node; we subscribe on the primary serving the campaign's slot, with a
+        # plain connection of our own (see docs/cluster.md).
+        node = await guarded(redisconn.node_client(self.redis, self.keys.notify_channel))
+        pubsub = node.pubsub(ignore_subscribe_messages=True)
         try:
+            await pubsub.subscribe(self.keys.notify_channel)
             async for msg in pubsub.listen():
                 if msg and msg.get("type") == "message":
                     yield str(msg["data"])
         finally:
             await pubsub.aclose()
+            await redisconn.release(self.redis, node)
 
     async def publish(self, message: str) -> None:
         await guarded(self.redis.publish(self.keys.notify_channel, message))

@@ -103,6 +103,12 @@ def framed(arg: Arg) -> Framed:
 
 
 _EVALSHA = framed("EVALSHA")
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+
+
+def _retrieve(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()  # an ASKING that failed shows up as the next reply's ASK
 
 
 def _pack(args: Sequence[Arg]) -> bytes:
@@ -199,16 +205,21 @@ class Wire:
 
     # Calls
 
-    async def call(self, *args: Arg) -> Any:
+    async def call(self, *args: Arg, asking: bool = False) -> Any:
         proto = self._proto
         if proto is None or proto.closed:
             proto = await self._connect()
+        if asking:
+            self._asking(proto)
         return await self._send(proto, _pack(args))
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], argv: Sequence[Arg]) -> Any:
+    async def evalsha(self, script: Script, keys: Sequence[Arg], argv: Sequence[Arg],
+                      asking: bool = False) -> Any:
         proto = self._proto
         if proto is None or proto.closed:
             proto = await self._connect()
+        if asking:
+            self._asking(proto)
         sha = self._shas.get(script.sha)
         if sha is None:
             sha = self._shas[script.sha] = framed(script.sha)
@@ -223,6 +234,13 @@ class Wire:
         proto.pending.append(_Pending(fut, time.monotonic(), script, keys, argv))
         proto.enqueue(cmd)
         return fut
+
+    def _asking(self, proto: _Protocol) -> None:
+        """Cluster hook: ASKING right before the next command on this connection
+        (``clusterwire`` follows an ASK redirection). Nothing can come between the
+        two: both are queued in the same synchronous step."""
+        fut = self._send(proto, _ASKING)
+        fut.add_done_callback(_retrieve)
 
     def _resend_as_eval(self, proto: _Protocol, p: _Pending) -> None:
         assert p.script is not None

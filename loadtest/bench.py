@@ -17,6 +17,12 @@ Phases, all with the same wrk connections and server worker count:
   5 redis       redis-benchmark: EVALSHA of the engine's grab.lua, and INCR, -P 1 / -P 16
 After each engine phase the admin stats are checked (issued <= stock, stock arithmetic);
 the exit status is 1 if any check fails. Every process started here is stopped by pid.
+
+--redis-cluster: the engine runs on a local 3-primary Redis Cluster (tests/clusterkit.py,
+loopback TCP, appendfsync always) instead of its embedded Redis; phase 5 talks to the
+primary that serves the campaign's slot (every key of the campaign is there).
+--redis-tcp: for comparison with it, one external redis-server (same settings) reached
+over loopback TCP, as the cluster's primaries are.
 """
 
 from __future__ import annotations
@@ -234,8 +240,10 @@ class Engine:
     """`coupon-engine serve` on an embedded Redis (appendfsync always) in a temp folder."""
 
     def __init__(self, tmp: Path, workers: int, campaign: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, external: Any = None) -> None:
         self.tmp = tmp
+        # A LocalCluster (--redis-cluster) or an EmbeddedRedis on a port (--redis-tcp).
+        self.external = external
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.member_secret = secrets.token_urlsafe(32)
@@ -244,6 +252,8 @@ class Engine:
         self.env.update(COUPON_DATA_DIR=str(tmp / "var"),
                         COUPON_MEMBER_JWT_SECRET=self.member_secret,
                         COUPON_ADMIN_TOKEN=self.admin, COUPON_LOG_LEVEL="WARNING")
+        if external is not None:
+            self.env["COUPON_REDIS_URL"] = external.url
         self.env.update(env or {})
         now = datetime.now(timezone.utc)
         campaign = campaign or campaign_toml(
@@ -272,6 +282,11 @@ class Engine:
 
     @property
     def redis_socket(self) -> Path:
+        if hasattr(self.external, "owner_of"):
+            # Every key of the campaign lives on the primary serving its slot.
+            return self.external.owner_of(f"cpn:{{{CID}}}:campaign").socket_path
+        if self.external is not None:  # --redis-tcp
+            return self.external.socket_path
         return self.tmp / "var" / "redis" / "redis.sock"
 
     def cli(self, *args: str) -> str:
@@ -398,9 +413,22 @@ def run(args: argparse.Namespace) -> int:
         return res
 
     engine: Engine | None = None
+    external: Any = None
     try:
         print(f"bench: {c} connections, {w} server workers, {threads} wrk threads, {d} s "
-              f"per phase, x{reps}", flush=True)
+              f"per phase, x{reps}" + (", Redis Cluster" if args.redis_cluster else ""),
+              flush=True)
+        if args.redis_cluster:
+            sys.path.insert(0, str(REPO / "tests"))
+            from clusterkit import LocalCluster
+            external = LocalCluster(tmp / "cluster")
+            external.start()
+            print(f"  local Redis Cluster: 3 primaries, seed {external.url}", flush=True)
+        elif args.redis_tcp:
+            from engine.embedded import EmbeddedRedis
+            external = EmbeddedRedis(tmp / "redis-tcp", port=free_port())
+            external.start()
+            print(f"  external redis-server on {external.url}", flush=True)
         port = free_port()
         ceiling = start_ceiling(port, w)
         try:
@@ -416,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
                     os.kill(p.pid, signal.SIGTERM)
                 p.join(10)
 
-        engine = Engine(tmp, w)
+        engine = Engine(tmp, w, external=external)
         tokens = tmp / "tokens.txt"
         t0 = time.monotonic()
         write_tokens(tokens, engine.member_secret, args.tokens)
@@ -490,7 +518,8 @@ def run(args: argparse.Namespace) -> int:
                    f"{k}:coupon:00000__rand_int__", f"{k}:idem:none", f"{k}:events",
                    "R1", "V01", "rb__rand_int__", "00000__rand_int__", "0", "86400"]
         for pl in (1, 16):
-            for name, cmd in (("grab.lua EVALSHA", evalsha), ("INCR", ["incr", "bench:ctr"])):
+            # The counter shares the campaign's hash tag: the same slot on a cluster.
+            for name, cmd in (("grab.lua EVALSHA", evalsha), ("INCR", ["incr", f"{k}:ctr"])):
                 before = engine.issued()
                 res = redis_bench(engine.redis_socket, f"5 redis {name} -P {pl}", cmd, pl, c,
                                   args.redis_requests)
@@ -504,6 +533,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if engine is not None:
             engine.stop()
+        if external is not None:
+            external.stop()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -550,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-requests", type=int, default=100_000)
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data)")
+    p.add_argument("--redis-cluster", action="store_true",
+                   help="run the engine on a local 3-primary Redis Cluster")
+    p.add_argument("--redis-tcp", action="store_true",
+                   help="run the engine on one redis-server over loopback TCP (to compare)")
     return run(p.parse_args(argv))
 
 

@@ -3,7 +3,7 @@
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
-command -v redis-benchmark >/dev/null || need+=(redis-tools)
+command -v redis-benchmark >/dev/null && command -v redis-cli >/dev/null || need+=(redis-tools)  # redis-cli builds the test cluster
 command -v curl >/dev/null || need+=(curl)
 # Fault tests (tests/test_faults.py): strace traces the AOF's fsyncs, libfaketime skews clocks.
 command -v strace >/dev/null || need+=(strace)

@@ -6,6 +6,7 @@ import pytest
 
 from engine import campaign as cmp
 from engine.cli import main
+from engine import keys
 from engine.store import active_campaign, load_campaign
 
 from conftest import campaign_toml, open_round, redis_now
@@ -105,3 +106,20 @@ async def test_opened_round_cannot_change(redis_url: str, aredis) -> None:
     other = campaign_toml(cid="other", rounds=[r])
     with pytest.raises(cmp.CampaignError, match="holds campaign"):
         await load_campaign(aredis, cmp.parse_campaign(other))
+
+
+async def test_active_is_claimed_outside_the_campaign_transaction(redis_url: str,
+                                                                  aredis) -> None:
+    """cpn:active has no hash tag (another slot on a cluster): an interrupted load may
+    leave it naming a campaign with no data; the next load replaces that name, and a
+    refused load of a fresh Redis writes nothing at all."""
+    r = open_round(redis_url)
+    bad = campaign_toml(rounds=[r], budget=1)
+    with pytest.raises(cmp.CampaignError):
+        await load_campaign(aredis, cmp.parse_campaign(bad))
+    assert await aredis.keys("*") == []
+    await aredis.set(keys.ACTIVE, "ghost")  # claimed, then the loader crashed
+    c = cmp.parse_campaign(campaign_toml(rounds=[r]))
+    await load_campaign(aredis, c)
+    assert await aredis.get(keys.ACTIVE) == c.id
+    assert (await active_campaign(aredis)) == c

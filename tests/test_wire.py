@@ -154,3 +154,15 @@ async def test_password_and_database_are_applied(tmp_path: Path) -> None:
         admin.close()
     finally:
         srv.stop()
+
+
+async def test_asking_hook_keeps_replies_in_step(wire: Wire, aredis: aioredis.Redis) -> None:
+    """The cluster hook queues ASKING right before the command; its own reply (an
+    error on a non-cluster server) is consumed, never handed to a caller."""
+    await aredis.mset({"a": "1", "b": "2"})
+    got = await asyncio.gather(wire.call("GET", "a", asking=True), wire.call("GET", "b"),
+                               wire.evalsha(scripts.load("grab"), [], [], asking=True),
+                               return_exceptions=True)
+    assert got[:2] == ["1", "2"]
+    assert wire.in_flight == 0
+    assert await wire.call("GET", "b") == "2"
