@@ -203,7 +203,8 @@ def _restore_summary(t: restore.Target, verb: str = "restored") -> str:
 
 
 async def _restore(url: str, ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
-    client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+    # Single Redis only: restore writes cpn:active in the same MULTI as the campaign keys.
+    client = open_client(url, connect_timeout=5)
     try:
         c = _restore_campaign(ledger, args.campaign)
         existing = await restore.inspect(client, c.id)
