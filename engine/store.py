@@ -96,6 +96,18 @@ async def guarded(op: Awaitable[T]) -> T:
         raise
 
 
+async def wired(op: Awaitable[T]) -> T:
+    """``guarded`` for the hot path's wire: the same failures become ``Unavailable``."""
+    try:
+        return await op
+    except WireError as exc:
+        raise _redis_errors_to_unavailable(exc) from exc
+    except ReplyError as exc:
+        if exc.prefix in _UNAVAILABLE_PREFIXES:
+            raise _redis_errors_to_unavailable(exc) from exc
+        raise
+
+
 def wire_for(client: redisconn.AnyClient, settings: Settings) -> Wire | ClusterWire:
     """A hot-path Wire to the same server (and database) as a redis-py client; for a
     ``RedisCluster``, a ClusterWire seeded with the nodes the client knows."""
@@ -311,14 +323,7 @@ class Store:
     async def _run(self, script: Script, keys_: list[str | Framed],
                    argv: list[str | int]) -> Any:
         """One script call on the hot path; store failures become ``Unavailable``."""
-        try:
-            return await self.wire.evalsha(script, keys_, argv)
-        except WireError as exc:
-            raise _redis_errors_to_unavailable(exc) from exc
-        except ReplyError as exc:
-            if exc.prefix in _UNAVAILABLE_PREFIXES:
-                raise _redis_errors_to_unavailable(exc) from exc
-            raise
+        return await wired(self.wire.evalsha(script, keys_, argv))
 
     async def ping(self) -> bool:
         try:
@@ -414,11 +419,8 @@ class Store:
         return await guarded(lag(self.redis, self.campaign.id))
 
     async def has_idempotency(self, member_id: str, idem_key: str) -> bool:
-        try:
-            n = await self.wire.call("EXISTS", self.keys.idempotency(member_id, idem_key))
-        except (WireError, ReplyError) as exc:
-            raise _redis_errors_to_unavailable(exc) from exc
-        return bool(n)
+        return bool(await wired(
+            self.wire.call("EXISTS", self.keys.idempotency(member_id, idem_key))))
 
     async def campaign_fingerprint(self) -> str | None:
         return await guarded(self.redis.hget(self.keys.campaign, "fingerprint"))
