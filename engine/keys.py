@@ -2,6 +2,14 @@
 
 All keys of a campaign carry the hash tag ``{<campaign id>}``, so every
 script call touches one Redis Cluster slot and never raises CROSSSLOT.
+
+A campaign loaded with S > 1 stock shards (docs/cluster.md, "Stock shards")
+keeps, for each shard s >= 1, its own copy of the per-shard keys under the tag
+``{<campaign id>:<s>}``: another slot, usually another primary. Shard 0 is the
+tag ``{<campaign id>}`` itself, so a one-shard campaign is exactly the layout
+of before, and campaign-wide keys (the document, venue keys, the notify
+channel) live there only. Campaign ids cannot hold ':' (campaign.ID_RE), so
+no shard's tag is another campaign's.
 """
 
 from __future__ import annotations
@@ -16,14 +24,22 @@ ACTIVE = f"{PREFIX}:active"
 @dataclass(frozen=True, slots=True)
 class Keys:
     campaign_id: str
+    shard: int = 0
 
     @property
     def tag(self) -> str:
-        return f"{PREFIX}:{{{self.campaign_id}}}"
+        if self.shard == 0:
+            return f"{PREFIX}:{{{self.campaign_id}}}"
+        return f"{PREFIX}:{{{self.campaign_id}:{self.shard}}}"
+
+    def of_shard(self, shard: int) -> Keys:
+        """The same campaign's keys in stock shard ``shard``."""
+        return Keys(self.campaign_id, shard)
 
     @property
     def campaign(self) -> str:
-        """Hash: the campaign's economics, quota and its JSON document."""
+        """Hash: the campaign's economics, quota and its JSON document; 'shards' (absent:
+        1). In shards s >= 1 only 'quota' and the 'fingerprint' applied to that shard."""
         return f"{self.tag}:campaign"
 
     def round(self, round_id: str) -> str:
@@ -64,6 +80,18 @@ class Keys:
     def venue_keys(self, venue_id: str) -> str:
         """Hash: venue API key id -> sha256 of the key."""
         return f"{self.tag}:vkeys:{venue_id}"
+
+    @property
+    def xfer_out(self) -> str:
+        """Hash, in the donor shard: transfer id -> '<to shard>|<round>:<venue>|<n>|<ms>',
+        stock taken out and not yet known to be credited (docs/cluster.md)."""
+        return f"{self.tag}:xfer_out"
+
+    @property
+    def xfer_in(self) -> str:
+        """Hash, in the receiving shard: transfer id -> '<round>:<venue>|<n>', every
+        transfer credited here (kept, so a repeated credit is a no-op)."""
+        return f"{self.tag}:xfer_in"
 
     @property
     def events(self) -> str:

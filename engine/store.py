@@ -192,6 +192,12 @@ async def redis_time_ms(client: Any, key: str | None = None) -> int:
     return int(sec) * 1000 + int(usec) // 1000
 
 
+async def shard_count(client: redisconn.AnyClient, campaign_id: str) -> int:
+    """How many stock shards the loaded campaign has (1 when it was loaded unsharded)."""
+    raw = await client.hget(keys.Keys(campaign_id).campaign, "shards")
+    return int(raw) if raw else 1
+
+
 async def active_campaign(client: redisconn.AnyClient) -> Campaign | None:
     cid = await client.get(keys.ACTIVE)
     if cid is None:
