@@ -15,7 +15,7 @@ from .config import Settings
 from .handlers import ENGINE, OPENAPI, add_routes, error_response
 from .metrics import Metrics
 from .service import Engine
-from .store import Store, active_campaign, client_for, connect_with_retry
+from .store import Store, active_campaign, client_for, connect_with_retry, shard_count
 
 log = logging.getLogger("engine.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -80,7 +80,9 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         campaign = await active_campaign(client)
         if campaign is None:
             raise RuntimeError("no campaign is loaded; run 'coupon-engine campaign load FILE'")
-        engine = Engine(Store(client, campaign, settings), resolve_secrets(settings),
+        shards = await shard_count(client, campaign.id)
+        engine = Engine(Store(client, campaign, settings, shards=shards),
+                        resolve_secrets(settings),
                         member_rate=settings.member_rate, member_burst=settings.member_burst,
                         venue_bad_code_limit=settings.venue_bad_code_limit,
                         metrics=metrics)

@@ -25,6 +25,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         data_dir=getattr(args, "data_dir", None),
         redis_url=getattr(args, "redis_url", None),
         redis_cluster=True if getattr(args, "redis_cluster", False) else None,
+        stock_shards=getattr(args, "stock_shards", None),
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         workers=getattr(args, "workers", None),
@@ -97,7 +98,7 @@ def cmd_campaign_load(args: argparse.Namespace) -> int:
 
     async def load(client: Any) -> int:
         try:
-            plan = await load_campaign(client, c)
+            plan = await load_campaign(client, c, settings.stock_shards)
         except cmp.CampaignError as exc:
             return fail(str(exc))
         if plan.noop:
@@ -107,7 +108,8 @@ def cmd_campaign_load(args: argparse.Namespace) -> int:
                   f"{len(plan.changed_rounds)} changed)")
         return 0
 
-    return with_redis(settings_from(args), load)
+    settings = settings_from(args)
+    return with_redis(settings, load)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -158,6 +160,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="data directory (else COUPON_DATA_DIR, ./var)")
 
 
+def _shards_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stock-shards", type=int, metavar="S",
+                   help="split the campaign's stock over S shards (slots) at its first load;"
+                        " fixed afterwards (else COUPON_STOCK_SHARDS, 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coupon-engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--allow-unsafe-redis", action="store_true",
                    help="run on a Redis whose settings could lose acknowledged writes")
+    _shards_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("campaign", help="check or load a campaign file")
@@ -180,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("load")
     c.add_argument("file", type=Path)
     _common(c)
+    _shards_arg(c)
     c.set_defaults(func=cmd_campaign_load)
 
     p = sub.add_parser("token", help="print a credential the engine accepts")

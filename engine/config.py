@@ -20,6 +20,9 @@ class Settings:
     # The URL names a seed node of a Redis Cluster (also implied by the
     # ``redis+cluster://`` scheme).
     redis_cluster: bool = False
+    # Stock shards a campaign is split into at its first load (docs/cluster.md);
+    # fixed afterwards. 1 = every key of the campaign in one slot.
+    stock_shards: int = 1
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -87,6 +90,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         changes["redis_url"] = v
     if v := env.get("COUPON_REDIS_CLUSTER"):
         changes["redis_cluster"] = _bool(v)
+    if v := env.get("COUPON_STOCK_SHARDS"):
+        changes["stock_shards"] = int(v)
     if v := env.get("COUPON_HOST"):
         changes["host"] = v
     if v := env.get("COUPON_PORT"):

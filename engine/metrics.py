@@ -99,6 +99,10 @@ class Metrics:
         self.store_unavailable = Counter(
             "coupon_store_unavailable_total", "Store calls answered 503 (Redis down or slow)",
             registry=r)
+        self.stock_refills = Counter(
+            "coupon_stock_refills_total",
+            "Refills of a dry stock shard from the others (sharded campaigns only)",
+            registry=r)
         # Polled values: every worker reads the same Redis, so the newest reading
         # of a live worker is the truth; a dead worker's last reading is not.
         self.stock_remaining = Gauge(
@@ -223,6 +227,9 @@ class Metrics:
 
     def redemption(self, venue_id: str, outcome: str) -> None:
         self.count(self.redemption_attempts, venue_id, outcome)
+
+    def count_transfer(self) -> None:
+        self.count(self.stock_refills)
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.observe(self.http_duration, seconds, route, method, str(status))

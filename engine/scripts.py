@@ -46,10 +46,25 @@ class VoidOutcome(IntEnum):
     ALREADY_VOID = 3
 
 
+class XferOutOutcome(IntEnum):
+    MOVED = 0
+    EMPTY = 1
+    LINE_NOT_FOUND = 2
+    BAD_ARGUMENT = 3
+
+
+class XferInOutcome(IntEnum):
+    CREDITED = 0
+    ALREADY_CREDITED = 1
+    BAD_ARGUMENT = 2
+
+
 OUTCOMES: dict[str, type[IntEnum]] = {
     "grab": GrabOutcome,
     "redeem": RedeemOutcome,
     "void": VoidOutcome,
+    "xfer_out": XferOutOutcome,
+    "xfer_in": XferInOutcome,
 }
 
 

@@ -74,7 +74,7 @@ async def prepare(settings: Settings, url: str, embedded: bool) -> cmp.Campaign:
             new = cmp.parse_campaign(Path(settings.campaign_file).read_text("utf-8"))
             if await active_campaign(client) is None:
                 refuse_if_redis_lost_state(settings, new.id)
-            plan = await load_campaign(client, new)
+            plan = await load_campaign(client, new, settings.stock_shards)
             log.info("campaign %s %s", new.id, "unchanged" if plan.noop else "loaded")
         else:
             current = await active_campaign(client)
@@ -83,7 +83,7 @@ async def prepare(settings: Settings, url: str, embedded: bool) -> cmp.Campaign:
                 refuse_if_redis_lost_state(settings, sample.id)
                 now = await redis_time_ms(client)
                 new = cmp.shifted_for_demo(sample, now)
-                await load_campaign(client, new)
+                await load_campaign(client, new, settings.stock_shards)
                 log.info("loaded the sample campaign %s, first round opens in 60 s", new.id)
             else:
                 log.info("serving the campaign already loaded: %s", current.id)

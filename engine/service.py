@@ -28,6 +28,8 @@ log = logging.getLogger("engine.service")
 # (by the Redis clock as this worker estimates it), and "closed" only this long after.
 CLOCK_MARGIN_MS = 500
 POLL_INTERVAL_S = 0.5
+# Refill-and-grab tries for a member whose stock shard is dry (docs/cluster.md).
+_REFILL_ATTEMPTS = 32
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Engine:
         self.venue_failures = FailureWindow(venue_bad_code_limit)
         self.metrics = metrics or Metrics.disabled()
         self._venue_cache: dict[str, tuple[str, float]] = {}
+        self._refills: dict[tuple[str, int], asyncio.Future[int]] = {}
 
     @property
     def campaign(self) -> Campaign:
@@ -126,9 +129,44 @@ class Engine:
             return errors.SoldOut()
         with self.metrics.script("grab"):
             res = await self.store.grab(round_id, venue_id, member_id, idem_key)
+        if res.outcome is GrabOutcome.SOLD_OUT and self.store.shards > 1:
+            res = await self._grab_after_refill(res, member_id, round_id, venue_id, idem_key)
         self.state.observe_clock(res.now_ms)
         self.metrics.grab(round_id, res.outcome.name.lower())
         return self._grab_reply(res, member_id, round_id, venue_id, line)
+
+    async def _grab_after_refill(self, res: GrabResult, member_id: str, round_id: str,
+                                 venue_id: str, idem_key: str | None) -> GrabResult:
+        """The member's stock shard is dry: move stock into it from another shard and
+        grab again, until a grab passes or every other shard is empty too (then the
+        answer is sold out). Each refill moves at least one unit, but other members
+        of the shard may take it first; after _REFILL_ATTEMPTS the member is asked
+        to retry (503) rather than told a sold-out that may be false."""
+        line = f"{round_id}:{venue_id}"
+        shard = self.store.member_shard(member_id)
+        for _ in range(_REFILL_ATTEMPTS):
+            if not await self._refill(line, shard):
+                return res
+            with self.metrics.script("grab"):
+                res = await self.store.grab(round_id, venue_id, member_id, idem_key)
+            if res.outcome is not GrabOutcome.SOLD_OUT:
+                return res
+        # Stock still moves but others keep winning it: "sold out" would be false.
+        raise errors.Unavailable("stock is being rebalanced; retry",
+                                 headers={"Retry-After": "1"})
+
+    async def _refill(self, line: str, shard: int) -> int:
+        """One refill of (line, shard) at a time per worker: the requests that found
+        the shard dry together wait for the same transfer instead of each halving
+        another shard."""
+        key = (line, shard)
+        running = self._refills.get(key)
+        if running is None:
+            running = asyncio.ensure_future(self.store.refill(line, shard))
+            self._refills[key] = running
+            running.add_done_callback(lambda _f: self._refills.pop(key, None))
+            self.metrics.count_transfer()
+        return await asyncio.shield(running)
 
     def _grab_reply(self, res: GrabResult, member_id: str, round_id: str, venue_id: str,
                     line: str) -> Coupon | errors.EngineError:
@@ -136,9 +174,11 @@ class Engine:
         oc = res.outcome
         if oc in (GrabOutcome.GRANTED, GrabOutcome.REPLAYED):
             if oc is GrabOutcome.GRANTED:
-                if res.remaining <= 0:
-                    self.state.sold_out.add(line)
-                self.state.remaining[line] = res.remaining
+                # With shards, ``remaining`` is one shard's: the poll sums them.
+                if self.store.shards == 1:
+                    if res.remaining <= 0:
+                        self.state.sold_out.add(line)
+                    self.state.remaining[line] = res.remaining
                 self.metrics.issued(round_id, venue_id)
             # A replay returns the first result again: the coupon as it was issued.
             return coupon_from_record(c, res.code, {
@@ -310,6 +350,8 @@ class Engine:
 
     async def refresh(self) -> None:
         """Re-read remaining stock and the campaign if it changed; clear stale sold-out flags."""
+        # Finish transfers a crashed worker left half done before reading stock.
+        await self.store.sweep_transfers()
         stock = await self.store.stock()
         self.state.remaining = stock
         for line in [x for x in self.state.sold_out if stock.get(x, 0) > 0]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
+import os
 import logging
 import secrets
 from dataclasses import dataclass
@@ -23,13 +25,15 @@ import redis.asyncio as aioredis
 from redis import exceptions as rex
 
 from . import campaign as cmp
+from . import shards as shards_mod
 from . import codes, keys, redisconn, scripts
 from .campaign import Campaign, UpdatePlan
 from .clusterwire import ClusterWire
 from .config import Settings
 from .domain import pairs_to_dict
 from .errors import Unavailable
-from .scripts import GrabOutcome, RedeemOutcome, Script, VoidOutcome
+from .scripts import (GrabOutcome, RedeemOutcome, Script, VoidOutcome, XferInOutcome,
+                      XferOutOutcome)
 from .wire import Address, Framed, ReplyError, Wire, WireError, framed
 
 log = logging.getLogger("engine.store")
@@ -44,6 +48,9 @@ REQUIRED_CONFIG = {
     "maxmemory-policy": "noeviction",
 }
 _CODE_ATTEMPTS = 4
+# A transfer journaled in a donor shard and not credited for this long is
+# finished by the sweeper (the worker that started it is presumed gone).
+TRANSFER_GRACE_MS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +234,13 @@ async def _claim_active(client: redisconn.AnyClient, new_id: str, stale: str) ->
                                 f" {new_id!r}")
 
 
-async def load_campaign(client: redisconn.AnyClient, new: Campaign) -> UpdatePlan:
+async def load_campaign(client: redisconn.AnyClient, new: Campaign,
+                        shards: int = 1) -> UpdatePlan:
     """Load or update the campaign atomically; CampaignError leaves Redis untouched.
+
+    ``shards`` > 1 splits every stock line over that many stock shards, each in
+    its own slot (docs/cluster.md, "Stock shards"); the count is fixed at the
+    first load, and a later load asking for another count is refused.
 
     ``cpn:active`` has no hash tag (on a cluster it lives in another slot than
     the campaign's keys), so it is never in the campaign's transaction:
@@ -256,71 +268,154 @@ async def load_campaign(client: redisconn.AnyClient, new: Campaign) -> UpdatePla
                     " load); replacing it with %r", current, new.id)
         stale = current
     # On a cluster, WATCH/MULTI go to the primary serving the campaign's slot.
+    if not 1 <= shards <= shards_mod.MAX_SHARDS:
+        raise cmp.CampaignError(f"stock shards must be 1..{shards_mod.MAX_SHARDS}, got {shards}")
     tx = await redisconn.node_client(client, k.campaign)
     try:
-        return await _load_tagged(client, tx, new, stale)
+        return await _load_tagged(client, tx, new, stale, shards)
     finally:
         await redisconn.release(client, tx)
 
 
+def _write_shard(pipe: Any, k: keys.Keys, old: Campaign | None, new: Campaign,
+                 plan: UpdatePlan, shard: int, shards: int) -> None:
+    """Queue one shard's part of a load: its copy of the rounds and the quota,
+    and its share of every new or changed stock line (changed lines have not
+    opened, so each shard still holds exactly its share of the old stock)."""
+    for r in new.rounds:
+        pipe.hset(k.round(r.id), mapping={
+            "o": r.opens_at_ms, "c": r.closes_at_ms, "q": r.member_round_quota,
+            "vf": r.valid_from_ms, "vu": r.valid_until_ms})
+    for rid in plan.new_rounds:
+        r = new.round(rid)
+        assert r is not None
+        for vid, n in r.stock.items():
+            share = shards_mod.split(n, shards)[shard]
+            pipe.hset(k.stock, f"{rid}:{vid}", share)
+            pipe.hset(k.stats, f"initial:{rid}:{vid}", share)
+    for ch in plan.changed_rounds:
+        before = old.round(ch.round_id) if old is not None else None
+        after = new.round(ch.round_id)
+        assert before is not None and after is not None
+        for vid in ch.stock_delta:
+            delta = (shards_mod.split(after.stock.get(vid, 0), shards)[shard]
+                     - shards_mod.split(before.stock.get(vid, 0), shards)[shard])
+            pipe.hincrby(k.stock, f"{ch.round_id}:{vid}", delta)
+            pipe.hincrby(k.stats, f"initial:{ch.round_id}:{vid}", delta)
+
+
+async def _load_other_shards(client: redisconn.AnyClient, old: Campaign | None,
+                             new: Campaign, plan: UpdatePlan, shards: int) -> None:
+    """Apply the plan to shards 1..S-1, each in its own transaction on its own slot,
+    before shard 0 (which holds the document) says the load happened. Each shard
+    records the fingerprint it is at, so a load repeated after a crash between
+    shards applies the plan to each shard exactly once."""
+    old_fp = old.fingerprint() if old is not None else None
+    new_fp = new.fingerprint()
+    for s in range(1, shards):
+        k = keys.Keys(new.id, s)
+        tx = await redisconn.node_client(client, k.campaign)
+        try:
+            async with tx.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(k.campaign)
+                        at = await pipe.hget(k.campaign, "fingerprint")
+                        if at == new_fp:
+                            await pipe.reset()
+                            break
+                        if at != old_fp:
+                            raise cmp.CampaignError(
+                                f"stock shard {s} holds campaign version {str(at)[:12]}, not the"
+                                f" loaded {str(old_fp)[:12]}; it cannot be updated safely")
+                        pipe.multi()
+                        _write_shard(pipe, k, old, new, plan, s, shards)
+                        pipe.hset(k.campaign, mapping={
+                            "quota": new.member_campaign_quota, "fingerprint": new_fp})
+                        await pipe.execute()
+                        break
+                    except rex.WatchError:
+                        continue
+        finally:
+            await redisconn.release(client, tx)
+
+
 async def _load_tagged(client: redisconn.AnyClient, tx: aioredis.Redis, new: Campaign,
-                       stale: str) -> UpdatePlan:
+                       stale: str, shards: int) -> UpdatePlan:
     k = keys.Keys(new.id)
     async with tx.pipeline(transaction=True) as pipe:
         while True:
             try:
                 await pipe.watch(k.campaign)
-                doc = await pipe.hget(k.campaign, "doc")
+                doc, had = await pipe.hmget(k.campaign, ["doc", "shards"])
                 old = cmp.from_json(doc) if doc else None
+                if old is not None and int(had or 1) != shards:
+                    raise cmp.CampaignError(
+                        f"campaign {new.id} was loaded with {int(had or 1)} stock shard(s);"
+                        f" it cannot be reloaded with {shards}")
                 now = await redis_time_ms(pipe)
                 plan = cmp.plan_update(old, new, now)
                 await _claim_active(client, new.id, stale)
                 if plan.noop:
                     await pipe.reset()
                     return plan
+                await _load_other_shards(client, old, new, plan, shards)
                 pipe.multi()
                 pipe.hset(k.campaign, mapping={
                     "id": new.id, "quota": new.member_campaign_quota,
                     "doc": cmp.to_json(new), "fingerprint": new.fingerprint()})
-                for r in new.rounds:
-                    pipe.hset(k.round(r.id), mapping={
-                        "o": r.opens_at_ms, "c": r.closes_at_ms, "q": r.member_round_quota,
-                        "vf": r.valid_from_ms, "vu": r.valid_until_ms})
-                for rid in plan.new_rounds:
-                    r = new.round(rid)
-                    assert r is not None
-                    for vid, n in r.stock.items():
-                        pipe.hset(k.stock, f"{rid}:{vid}", n)
-                        pipe.hset(k.stats, f"initial:{rid}:{vid}", n)
-                for ch in plan.changed_rounds:
-                    for vid, delta in ch.stock_delta.items():
-                        pipe.hincrby(k.stock, f"{ch.round_id}:{vid}", delta)
-                        pipe.hincrby(k.stats, f"initial:{ch.round_id}:{vid}", delta)
+                if shards > 1:
+                    pipe.hset(k.campaign, "shards", shards)
+                _write_shard(pipe, k, old, new, plan, 0, shards)
                 await pipe.execute()
                 return plan
             except rex.WatchError:
                 continue
 
 
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One journaled move of stock between shards (xfer_out.lua, then xfer_in.lua)."""
+
+    id: str
+    donor: int
+    to: int
+    line: str
+    units: int
+
+
 class Store:
-    """The engine's Redis state for the one active campaign."""
+    """The engine's Redis state for the one active campaign.
+
+    With S > 1 stock shards, each call goes to the shard that owns its data:
+    a grab to the member's shard, a redeem or void to the code's shard.
+    """
 
     def __init__(self, client: redisconn.AnyClient, campaign: Campaign, settings: Settings,
-                 wire: Wire | ClusterWire | None = None) -> None:
+                 wire: Wire | ClusterWire | None = None, shards: int = 1) -> None:
         self.redis = client
         self.campaign = campaign
         self.keys = keys.Keys(campaign.id)
         self.settings = settings
         self.wire = wire or wire_for(client, settings)
-        k = self.keys
-        # Keys every grab sends, framed once.
-        self._fixed: dict[str, Framed] = {
-            "campaign": framed(k.campaign), "stock": framed(k.stock),
-            "stats": framed(k.stats), "events": framed(k.events)}
-        self._round_keys: dict[str, Framed] = {}
+        self.shards = shards
+        self.shard_keys = [self.keys.of_shard(s) for s in range(shards)]
+        # Keys every grab sends, framed once per shard.
+        self._fixed: list[dict[str, Framed]] = [
+            {"campaign": framed(k.campaign), "stock": framed(k.stock),
+             "stats": framed(k.stats), "events": framed(k.events)}
+            for k in self.shard_keys]
+        self._round_keys: dict[tuple[int, str], Framed] = {}
         self._grab = scripts.load("grab")
         self._redeem = scripts.load("redeem")
         self._void = scripts.load("void")
+        self._xfer_out = scripts.load("xfer_out")
+        self._xfer_in = scripts.load("xfer_in")
+        # Transfer ids: unique per process and start, so two workers never share one.
+        self._xfer_ids = itertools.count(1)
+        self._xfer_prefix = f"{os.getpid()}.{secrets.token_hex(3)}"
+        # Per shard, '<round>:<venue>' -> remaining, from the last stock() poll.
+        self.by_shard: list[dict[str, int]] = [{} for _ in range(shards)]
 
     async def close(self) -> None:
         await self.wire.close()
@@ -340,15 +435,31 @@ class Store:
     async def time_ms(self) -> int:
         return await guarded(redis_time_ms(self.redis, self.keys.campaign))
 
+    def member_shard(self, member_id: str) -> int:
+        return shards_mod.member_shard(member_id, self.shards)
+
+    def code_keys(self, code: str) -> keys.Keys:
+        """The keys of the shard holding this (canonical) code's record."""
+        return self.shard_keys[shards_mod.code_shard(code, self.shards)]
+
+    def _new_code(self, shard: int) -> str:
+        """A fresh code whose own shard is ``shard``: the coupon then lives with its
+        member, and redeem and void find it from the code alone."""
+        code = codes.new_code()
+        while self.shards > 1 and shards_mod.code_shard(code, self.shards) != shard:
+            code = codes.new_code()
+        return code
+
     async def grab(self, round_id: str, venue_id: str, member_id: str,
                    idem_key: str | None) -> GrabResult:
-        k, f = self.keys, self._fixed
-        round_key = self._round_keys.get(round_id)
+        shard = self.member_shard(member_id)
+        k, f = self.shard_keys[shard], self._fixed[shard]
+        round_key = self._round_keys.get((shard, round_id))
         if round_key is None:
             # Only rounds of the campaign reach here (the engine checks first).
-            round_key = self._round_keys[round_id] = framed(k.round(round_id))
+            round_key = self._round_keys[shard, round_id] = framed(k.round(round_id))
         for _ in range(_CODE_ATTEMPTS):
-            code = codes.new_code()
+            code = self._new_code(shard)
             reply = await self._run(
                 self._grab,
                 [f["campaign"], round_key, f["stock"], f["stats"], k.member(member_id),
@@ -362,8 +473,84 @@ class Store:
             log.warning("coupon code collision; drawing another")
         raise RuntimeError("could not draw an unused coupon code")
 
+    # Stock transfers between shards (docs/cluster.md, "Stock shards").
+
+    async def take_from(self, donor: int, to: int, line: str) -> Transfer | None:
+        """Step 1: journal and take half of ``donor``'s share of ``line``; None when
+        the donor has none."""
+        xid = f"{self._xfer_prefix}.{next(self._xfer_ids)}"
+        k = self.shard_keys[donor]
+        reply = await self._run(self._xfer_out, [k.stock, k.xfer_out, k.stats], [line, xid, to])
+        oc = scripts.outcome("xfer_out", int(reply[0]))
+        if oc is XferOutOutcome.MOVED:
+            return Transfer(xid, donor, to, line, int(reply[2]))
+        if oc is XferOutOutcome.BAD_ARGUMENT:
+            raise RuntimeError(f"xfer_out.lua refused its arguments: {reply[2]}")
+        return None
+
+    async def credit(self, t: Transfer) -> bool:
+        """Step 2: credit the receiving shard (a no-op if done before), then drop the
+        donor's journal entry. True if this call credited it."""
+        k = self.shard_keys[t.to]
+        reply = await self._run(self._xfer_in, [k.stock, k.xfer_in, k.stats],
+                                [t.line, t.id, t.units, t.donor, self.keys.notify_channel])
+        oc = scripts.outcome("xfer_in", int(reply[0]))
+        if oc is XferInOutcome.BAD_ARGUMENT:
+            raise RuntimeError(f"xfer_in.lua refused transfer {t.id}: {reply[2]}")
+        await wired(self.wire.call("HDEL", self.shard_keys[t.donor].xfer_out, t.id))
+        return oc is XferInOutcome.CREDITED
+
+    async def refill(self, line: str, to: int) -> int:
+        """Move stock of ``line`` into shard ``to`` from the first donor that has some
+        (the fullest by the last poll first); the units moved, 0 if every other shard
+        is empty. A donor that fails is skipped; if none gave and one failed, the
+        failure is raised (the venue is not known to be sold out)."""
+        failed: Unavailable | None = None
+        known = {s: self.by_shard[s].get(line, 0) for s in range(self.shards)}
+        for donor in shards_mod.donors(to, self.shards, known):
+            try:
+                t = await self.take_from(donor, to, line)
+            except Unavailable as exc:
+                failed = exc
+                continue
+            if t is not None:
+                # If this credit fails, the sweeper finishes it: the units are journaled.
+                await self.credit(t)
+                return t.units
+        if failed is not None:
+            raise failed
+        return 0
+
+    async def pending_transfers(self) -> list[tuple[Transfer, int]]:
+        """Every transfer journaled in a donor and not yet dropped, with its age in ms
+        (by the donor's clock against shard 0's; cluster nodes' clocks agree closely
+        enough for a grace of seconds)."""
+        now = await self.time_ms()
+        out = []
+        for donor, k in enumerate(self.shard_keys):
+            raw = await guarded(self.redis.hgetall(k.xfer_out))
+            for xid, rec in raw.items():
+                to, line, units, at = rec.split("|")
+                out.append((Transfer(xid, donor, int(to), line, int(units)), now - int(at)))
+        return out
+
+    async def sweep_transfers(self, grace_ms: int = TRANSFER_GRACE_MS) -> int:
+        """Finish transfers whose worker stopped between the two steps (a crash, a
+        lost reply); returns how many this call credited. Safe to run anywhere,
+        any number of times, concurrently with the transfers themselves."""
+        if self.shards == 1:
+            return 0
+        done = 0
+        for t, age in await self.pending_transfers():
+            if age >= grace_ms:
+                if await self.credit(t):
+                    log.warning("sweeper credited transfer %s: %d of %s from shard %d to %d",
+                                t.id, t.units, t.line, t.donor, t.to)
+                    done += 1
+        return done
+
     async def redeem(self, venue_id: str, code: str) -> ChangeResult:
-        k = self.keys
+        k = self.code_keys(code)
         reply = await self._run(
             self._redeem, [k.coupon(code), k.stats, k.venue_redemptions(venue_id), k.events],
             [venue_id, code])
@@ -375,10 +562,10 @@ class Store:
         return ChangeResult(oc, now, {}, at_ms=at)
 
     async def void(self, member_id: str, code: str) -> ChangeResult:
-        k = self.keys
+        k = self.code_keys(code)
         reply = await self._run(
             self._void, [k.coupon(code), k.stock, k.stats, k.events],
-            [member_id, code, k.notify_channel])
+            [member_id, code, self.keys.notify_channel])
         oc = scripts.outcome("void", int(reply[0]))
         now = int(reply[1])
         if oc is VoidOutcome.VOIDED:
@@ -387,37 +574,63 @@ class Store:
         return ChangeResult(oc, now, {}, at_ms=at)
 
     async def coupon(self, code: str) -> dict[str, str] | None:
-        rec = await guarded(self.redis.hgetall(self.keys.coupon(code)))
+        rec = await guarded(self.redis.hgetall(self.code_keys(code).coupon(code)))
         return rec or None
 
     async def member_coupons(self, member_id: str) -> list[tuple[str, dict[str, str]]]:
-        codes_ = await guarded(self.redis.lrange(self.keys.member_coupons(member_id), 0, -1))
+        # A member's list and coupons are all in the member's shard (one slot).
+        k = self.shard_keys[self.member_shard(member_id)]
+        codes_ = await guarded(self.redis.lrange(k.member_coupons(member_id), 0, -1))
         if not codes_:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for c in codes_:
-            pipe.hgetall(self.keys.coupon(c))
+            pipe.hgetall(k.coupon(c))
         recs = await guarded(pipe.execute())
         return [(c, r) for c, r in zip(codes_, recs) if r]
 
     async def venue_redemptions(self, venue_id: str, since_ms: int,
                                 limit: int = 1000) -> list[tuple[str, dict[str, str]]]:
-        codes_ = await guarded(self.redis.zrangebyscore(
-            self.keys.venue_redemptions(venue_id), since_ms, "+inf", start=0, num=limit))
+        """The venue's redemptions since ``since_ms``, oldest first, at most ``limit``;
+        with shards, the first ``limit`` of each shard merged by time."""
+        scored: list[tuple[float, str, keys.Keys]] = []
+        for k in self.shard_keys:
+            rows = await guarded(self.redis.zrangebyscore(
+                k.venue_redemptions(venue_id), since_ms, "+inf", start=0, num=limit,
+                withscores=True))
+            scored += [(score, c, k) for c, score in rows]
+        scored.sort(key=lambda x: (x[0], x[1]))
+        scored = scored[:limit]
+        if not scored:
+            return []
         pipe = self.redis.pipeline(transaction=False)
-        for c in codes_:
-            pipe.hgetall(self.keys.coupon(c))
-        recs = await guarded(pipe.execute()) if codes_ else []
-        return [(c, r) for c, r in zip(codes_, recs) if r]
+        for _, c, k in scored:
+            pipe.hgetall(k.coupon(c))
+        recs = await guarded(pipe.execute())
+        return [(c, r) for (_, c, _), r in zip(scored, recs) if r]
+
+    async def stock_by_shard(self) -> list[dict[str, int]]:
+        out = []
+        for k in self.shard_keys:
+            raw = await guarded(self.redis.hgetall(k.stock))
+            out.append({f: int(v) for f, v in raw.items()})
+        self.by_shard = out
+        return out
 
     async def stock(self) -> dict[str, int]:
-        """'<round>:<venue>' -> remaining, for every stock line."""
-        raw = await guarded(self.redis.hgetall(self.keys.stock))
-        return {f: int(v) for f, v in raw.items()}
+        """'<round>:<venue>' -> remaining, for every stock line (summed over shards;
+        units in flight between shards are in none of them for a moment)."""
+        return _sum(await self.stock_by_shard())
+
+    async def stats_by_shard(self) -> list[dict[str, int]]:
+        out = []
+        for k in self.shard_keys:
+            raw = await guarded(self.redis.hgetall(k.stats))
+            out.append({f: int(v) for f, v in raw.items()})
+        return out
 
     async def stats(self) -> dict[str, int]:
-        raw = await guarded(self.redis.hgetall(self.keys.stats))
-        return {f: int(v) for f, v in raw.items()}
+        return _sum(await self.stats_by_shard())
 
     async def ledger_lag(self) -> int:
         """Events on the stream not yet archived into the ledger."""
@@ -425,8 +638,8 @@ class Store:
         return await guarded(lag(self.redis, self.campaign.id))
 
     async def has_idempotency(self, member_id: str, idem_key: str) -> bool:
-        return bool(await wired(
-            self.wire.call("EXISTS", self.keys.idempotency(member_id, idem_key))))
+        k = self.shard_keys[self.member_shard(member_id)]
+        return bool(await wired(self.wire.call("EXISTS", k.idempotency(member_id, idem_key))))
 
     async def campaign_fingerprint(self) -> str | None:
         return await guarded(self.redis.hget(self.keys.campaign, "fingerprint"))
@@ -486,6 +699,14 @@ class Store:
 
     async def publish(self, message: str) -> None:
         await guarded(self.redis.publish(self.keys.notify_channel, message))
+
+
+def _sum(parts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for part in parts:
+        for f, v in part.items():
+            total[f] = total.get(f, 0) + v
+    return total
 
 
 def _sha(token: str) -> str:

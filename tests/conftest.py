@@ -146,7 +146,7 @@ async def make_engine(redis_url: str, tmp_path: Path, aredis: aioredis.Redis):
 
     async def make(text: str, **settings_kw: object) -> EngineUnderTest:
         c = cmp.parse_campaign(text)
-        await load_campaign(aredis, c)
+        await load_campaign(aredis, c, int(settings_kw.get("stock_shards", 1)))  # type: ignore[call-overload]
         kw: dict[str, object] = {"member_rate": 1000.0, "member_burst": 1000}
         kw.update(settings_kw)
         settings = Settings(data_dir=tmp_path / "var", redis_url=redis_url,
