@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from clusterkit import LocalCluster
 from conftest import ADMIN, SECRET, campaign_toml
-from engine import archiver, cli, keys, scripts
+from engine import archiver, cli, keys, scripts, shards
 from engine import campaign as cmp
 from engine.app import create_app
 from engine.auth import mint_member_token
@@ -96,7 +96,7 @@ async def engine(cluster_url: str, tmp_path: Path, text: str,
     """An in-process engine (one worker) on the cluster, with the campaign loaded."""
     c = cmp.parse_campaign(text)
     client = open_client(cluster_url, timeout=5.0)
-    await load_campaign(client, c)
+    await load_campaign(client, c, int(kw.get("stock_shards", 1)))  # type: ignore[call-overload]
     settings = Settings(data_dir=tmp_path / "var", redis_url=cluster_url,
                         member_jwt_secret=SECRET, admin_token=ADMIN, member_rate=1e6,
                         member_burst=10**6, **kw)  # type: ignore[arg-type]
@@ -546,6 +546,146 @@ async def test_sigkill_of_the_campaign_primary_mid_burst_keeps_the_invariants(
         m0 = next(iter(granted))
         st, body = await grab(http, m0, "V01", f"{m0}-tap")
         assert st == 201 and body["coupon"]["code"].replace("-", "") == granted[m0]
+
+
+# --- stock shards spread over the primaries ---------------------------------------
+
+SHARDS = 3
+
+
+def spread_campaign_id(cluster: LocalCluster) -> str:
+    """A campaign id whose three stock shards are served by three different primaries."""
+    for i in range(1000):
+        cid = f"snow-sh{i}"
+        owners = {cluster.owner_of(keys.Keys(cid, s).campaign).port for s in range(SHARDS)}
+        if len(owners) == SHARDS:
+            return cid
+    raise AssertionError("no campaign id spreads over the three primaries")
+
+
+def sharded_text(cluster: LocalCluster, cid: str, stock: dict[str, int], quota: int = 1) -> str:
+    from datetime import timedelta
+    now = redis_now(cluster)
+    return campaign_toml(cid=cid, quota=3, venues=tuple(stock), rounds=[
+        {"id": "R1", "opens": now - timedelta(minutes=5), "closes": now + timedelta(hours=1),
+         "quota": quota, "stock": stock}])
+
+
+def members_of(shard: int, n: int, prefix: str = "m") -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        if shards.member_shard(f"{prefix}{i}", SHARDS) == shard:
+            out.append(f"{prefix}{i}")
+        i += 1
+    return out
+
+
+async def check_sharded_invariants(r: object, cid: str, initial: dict[str, int],
+                                   granted: dict[str, str]) -> None:
+    """Per line: the shards' stock + issued = initial; no transfer in flight; every
+    granted code in its member's shard with that member; nobody over quota 1."""
+    store_keys = [keys.Keys(cid, s) for s in range(SHARDS)]
+    for k in store_keys:
+        assert await r.hlen(k.xfer_out) == 0  # type: ignore[attr-defined]
+    for vid, n in initial.items():
+        line = f"R1:{vid}"
+        left = [int(await r.hget(k.stock, line)) for k in store_keys]  # type: ignore[attr-defined]
+        issued = [int(await r.hget(k.stats, f"issued:{line}") or 0)  # type: ignore[attr-defined]
+                  for k in store_keys]
+        assert min(left) >= 0 and sum(left) + sum(issued) == n, (vid, left, issued)
+    for m, code in granted.items():
+        k = store_keys[shards.member_shard(m, SHARDS)]
+        assert shards.code_shard(code, SHARDS) == k.shard
+        rec = await r.hgetall(k.coupon(code))  # type: ignore[attr-defined]
+        assert rec["member"] == m and rec["status"] == "issued"
+        assert int(await r.hget(k.member(m), "total")) == 1  # type: ignore[attr-defined]
+
+
+async def test_sharded_stock_runs_out_unevenly_across_three_primaries(
+        cluster: LocalCluster, cluster_url: str, tmp_path: Path) -> None:
+    """Demand only from shard 0's members: the other primaries' shares move to shard
+    0's primary through journaled transfers; exactly the stock is granted and only
+    the surplus hears sold_out; no call is ever CROSSSLOT."""
+    before = crossslot_errors(cluster)
+    cid = spread_campaign_id(cluster)
+    stock = {"V01": 60}
+    async with engine(cluster_url, tmp_path, sharded_text(cluster, cid, stock),
+                      stock_shards=SHARDS) as (http, r, _):
+        ids = members_of(0, 80)
+        results = await asyncio.gather(*(grab(http, m, "V01", f"k-{m}") for m in ids))
+        granted = {m: body["coupon"]["code"].replace("-", "")
+                   for m, (st, body) in zip(ids, results) if st == 201}
+        assert len(granted) == 60
+        assert Counter(body["error"]["code"] for st, body in results if st != 201) == \
+            {"sold_out": 20}
+        await check_sharded_invariants(r, cid, stock, granted)
+        stats = [await r.hgetall(keys.Keys(cid, s).stats) for s in range(SHARDS)]
+        assert int(stats[0]["xfer_in:R1:V01"]) == 40
+        # Each shard's keys are on their own primary.
+        for s in range(SHARDS):
+            owner = cluster.owner_of(keys.Keys(cid, s).stock)
+            with cluster.client(owner) as c:
+                assert c.exists(keys.Keys(cid, s).stock) == 1
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            await archiver.archive_once(r, ledger)
+            assert ledger.coupons_by_code(granted.values()).keys() == set(granted.values())
+    assert crossslot_errors(cluster) == before
+
+
+async def test_sigkill_of_a_shard_primary_mid_burst_keeps_the_sharded_invariants(
+        cluster: LocalCluster, cluster_url: str, tmp_path: Path) -> None:
+    """Members of every shard, keyed retries on 503; shard 1's primary is killed
+    mid-burst and restarted. Afterwards: exactly the stock granted, each grant told
+    to its member, no transfer lost or doubled (the sweeper finishes any in flight)."""
+    cid = spread_campaign_id(cluster)
+    stock = 90
+    async with engine(cluster_url, tmp_path, sharded_text(cluster, cid, {"V01": stock}),
+                      stock_shards=SHARDS, redis_timeout=1.0) as (http, r, _):
+        victim = cluster.owner_of(keys.Keys(cid, 1).stock)
+        # Twice as many members of shard 0 as of the others: transfers are needed.
+        ids = members_of(0, 100) + members_of(1, 50) + members_of(2, 50)
+        final: dict[str, tuple[int, dict]] = {}
+        unavailable = 0
+
+        async def client(m: str) -> None:
+            nonlocal unavailable
+            await asyncio.sleep(random.random() * 1.5)
+            deadline = time.monotonic() + 40
+            while True:
+                try:
+                    st, body = await grab(http, m, "V01", f"{m}-tap")
+                except Exception:  # noqa: BLE001 - the test client itself may time out
+                    st, body = 599, {}
+                if st in (503, 599) and time.monotonic() < deadline:
+                    unavailable += 1
+                    await asyncio.sleep(0.05 + random.random() * 0.1)
+                    continue
+                final[m] = (st, body)
+                return
+
+        wins_at_kill: list[int] = []
+
+        async def crash() -> None:
+            while len(final) < 30:
+                await asyncio.sleep(0.01)
+            wins_at_kill.append(sum(1 for st, _ in final.values() if st == 201))
+            cluster.kill(victim)
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(cluster.restart, victim)
+
+        await asyncio.gather(crash(), *(client(m) for m in ids))
+        assert unavailable > 0, "the crash happened after the burst"
+        assert 0 < wins_at_kill[0] < stock, "the crash was not mid-burst"
+        assert set(Counter(st for st, _ in final.values())) <= {201, 410}
+        store = http.server.app[ENGINE].store
+        await store.sweep_transfers(grace_ms=0)
+        granted = {m: body["coupon"]["code"].replace("-", "")
+                   for m, (st, body) in final.items() if st == 201}
+        assert len(granted) == stock
+        await check_sharded_invariants(r, cid, {"V01": stock}, granted)
+        for m in ids:
+            k = keys.Keys(cid, shards.member_shard(m, SHARDS))
+            assert int(await r.hget(k.member(m), "total") or 0) == (1 if m in granted else 0)
 
 
 # --- coupon-engine serve, as a process, on the cluster ----------------------------
