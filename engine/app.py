@@ -99,6 +99,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
                  asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag"),
                  asyncio.create_task(metrics.flush_forever(), name="metrics-flush")]
         yield
+        engine.stop()
         for t in tasks:
             t.cancel()
         # Bounded: a task that swallowed its cancellation must not hang the shutdown.

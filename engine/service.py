@@ -63,6 +63,7 @@ class Engine:
         self.metrics = metrics or Metrics.disabled()
         self._venue_cache: dict[str, tuple[str, float]] = {}
         self._refills: dict[tuple[str, int], asyncio.Future[int]] = {}
+        self._stopping = False
 
     @property
     def campaign(self) -> Campaign:
@@ -371,8 +372,14 @@ class Engine:
         lag = await self.store.ledger_lag()
         self.metrics.observe_state(self.campaign, stock, stats, now, lag)
 
+    def stop(self) -> None:
+        """Ask the background loops to end. Cancelling them is not enough on its own:
+        a client library can swallow a cancellation that races its own timeout
+        (asyncio.timeout in 3.11 then un-cancels the task), and the loop would go on."""
+        self._stopping = True
+
     async def poll_forever(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.refresh()
             except errors.Unavailable as exc:
@@ -385,9 +392,11 @@ class Engine:
 
     async def listen_forever(self) -> None:
         """Clear sold-out flags the moment a void returns stock to an open round."""
-        while True:
+        while not self._stopping:
             try:
                 async for msg in self.store.subscribe_notifications():
+                    if self._stopping:
+                        return
                     kind, _, line = msg.partition(" ")
                     if kind == "restock":
                         self.state.sold_out.discard(line)

@@ -90,3 +90,17 @@ async def test_keyed_retry_at_a_sold_out_venue_still_finds_its_coupon(
     assert await grab(e, "m", key="lost-reply") == (201, first)
     # A key that never granted gets the cached answer.
     assert (await grab(e, "y", key="fresh"))[1]["error"]["code"] == "sold_out"
+
+
+async def test_background_loops_end_on_stop_even_without_a_cancellation(
+        make_engine, redis_url) -> None:
+    """A client library can swallow a cancellation that races its own timeout; the
+    shutdown must not depend on it: stop() alone ends the poller within one poll."""
+    from engine.handlers import ENGINE
+    e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
+    engine = e.client.server.app[ENGINE]
+    poller = asyncio.create_task(engine.poll_forever())
+    await asyncio.sleep(0.1)
+    assert not poller.done()
+    engine.stop()
+    await asyncio.wait_for(poller, timeout=2.0)
