@@ -166,3 +166,14 @@ def open_round(url: str, rid: str = "R1", stock: dict[str, int] | None = None,
     now = redis_now(url)
     return {"id": rid, "opens": now - timedelta(minutes=5), "closes": now + timedelta(hours=1),
             "quota": quota, "stock": stock or {"V01": 10, "V02": 10}, **kw}
+
+
+def members_of(shard: int, n: int, shards: int, prefix: str = "m") -> list[str]:
+    """``n`` member ids that the engine maps to stock shard ``shard`` of ``shards``."""
+    from engine.shards import member_shard
+    out, i = [], 0
+    while len(out) < n:
+        if member_shard(f"{prefix}{i}", shards) == shard:
+            out.append(f"{prefix}{i}")
+        i += 1
+    return out

@@ -19,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from clusterkit import LocalCluster
+import conftest
 from conftest import ADMIN, SECRET, campaign_toml
 from engine import archiver, cli, keys, scripts, shards
 from engine import campaign as cmp
@@ -477,6 +478,50 @@ async def test_grabs_survive_a_live_slot_migration(
 # --- a primary crashes mid-burst ----------------------------------------------------
 
 
+async def burst_with_a_kill(http: TestClient, cluster: LocalCluster, victim: object,
+                            members: list[str], stock: int, kill_after: int
+                            ) -> dict[str, tuple[int, dict]]:
+    """Each member grabs V01 with one Idempotency-Key, retrying on 503 (or a client
+    timeout) for up to 40 s; after ``kill_after`` members have their answer, the
+    ``victim`` primary is SIGKILLed and restarted 0.3 s later on its AOF. Returns
+    each member's final answer, having checked the kill really fell mid-burst."""
+    final: dict[str, tuple[int, dict]] = {}
+    unavailable = 0
+
+    async def client(m: str) -> None:
+        nonlocal unavailable
+        await asyncio.sleep(random.random() * 1.5)
+        deadline = time.monotonic() + 40
+        while True:
+            try:
+                st, body = await grab(http, m, "V01", f"{m}-tap")
+            except Exception:  # noqa: BLE001 - the test client itself may time out
+                st, body = 599, {}
+            if st in (503, 599) and time.monotonic() < deadline:
+                unavailable += 1
+                await asyncio.sleep(0.05 + random.random() * 0.1)
+                continue
+            final[m] = (st, body)
+            return
+
+    wins_at_kill: list[int] = []
+
+    async def crash() -> None:
+        while len(final) < kill_after:
+            await asyncio.sleep(0.01)
+        wins_at_kill.append(sum(1 for st, _ in final.values() if st == 201))
+        cluster.kill(victim)  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(cluster.restart, victim)  # type: ignore[arg-type]
+
+    await asyncio.gather(crash(), *(client(m) for m in members))
+    assert unavailable > 0, "the crash happened after the burst"
+    assert 0 < wins_at_kill[0] < stock, "the crash was not mid-burst"
+    statuses = Counter(st for st, _ in final.values())
+    assert set(statuses) <= {201, 410}, statuses
+    return final
+
+
 async def test_sigkill_of_the_campaign_primary_mid_burst_keeps_the_invariants(
         cluster: LocalCluster, cluster_url: str, tmp_path: Path) -> None:
     stock = 120
@@ -484,42 +529,7 @@ async def test_sigkill_of_the_campaign_primary_mid_burst_keeps_the_invariants(
                       redis_timeout=1.0) as (http, r, c):
         victim = cluster.owner_of(K.campaign)
         members = [f"m{i:03d}" for i in range(300)]
-        done = 0
-        unavailable = 0
-        final: dict[str, tuple[int, dict]] = {}
-
-        async def client(m: str) -> None:
-            nonlocal done, unavailable
-            await asyncio.sleep(random.random() * 1.5)
-            deadline = time.monotonic() + 40
-            while True:
-                try:
-                    st, body = await grab(http, m, "V01", f"{m}-tap")
-                except Exception:  # noqa: BLE001 - the test client itself may time out
-                    st, body = 599, {}
-                if st in (503, 599) and time.monotonic() < deadline:
-                    unavailable += 1
-                    await asyncio.sleep(0.05 + random.random() * 0.1)
-                    continue
-                final[m] = (st, body)
-                done += 1
-                return
-
-        wins_at_kill: list[int] = []
-
-        async def crash() -> None:
-            while done < 40:
-                await asyncio.sleep(0.01)
-            wins_at_kill.append(sum(1 for st, _ in final.values() if st == 201))
-            cluster.kill(victim)
-            await asyncio.sleep(0.3)
-            await asyncio.to_thread(cluster.restart, victim)
-
-        await asyncio.gather(crash(), *(client(m) for m in members))
-        assert unavailable > 0, "the crash happened after the burst"
-        assert 0 < wins_at_kill[0] < stock, "the crash was not mid-burst"
-        statuses = Counter(st for st, _ in final.values())
-        assert set(statuses) <= {201, 410}, statuses
+        final = await burst_with_a_kill(http, cluster, victim, members, stock, kill_after=40)
 
         granted = {m: body["coupon"]["code"].replace("-", "")
                    for m, (st, body) in final.items() if st == 201}
@@ -572,12 +582,7 @@ def sharded_text(cluster: LocalCluster, cid: str, stock: dict[str, int], quota: 
 
 
 def members_of(shard: int, n: int, prefix: str = "m") -> list[str]:
-    out, i = [], 0
-    while len(out) < n:
-        if shards.member_shard(f"{prefix}{i}", SHARDS) == shard:
-            out.append(f"{prefix}{i}")
-        i += 1
-    return out
+    return conftest.members_of(shard, n, SHARDS, prefix)
 
 
 async def check_sharded_invariants(r: object, cid: str, initial: dict[str, int],
@@ -644,39 +649,7 @@ async def test_sigkill_of_a_shard_primary_mid_burst_keeps_the_sharded_invariants
         victim = cluster.owner_of(keys.Keys(cid, 1).stock)
         # Twice as many members of shard 0 as of the others: transfers are needed.
         ids = members_of(0, 100) + members_of(1, 50) + members_of(2, 50)
-        final: dict[str, tuple[int, dict]] = {}
-        unavailable = 0
-
-        async def client(m: str) -> None:
-            nonlocal unavailable
-            await asyncio.sleep(random.random() * 1.5)
-            deadline = time.monotonic() + 40
-            while True:
-                try:
-                    st, body = await grab(http, m, "V01", f"{m}-tap")
-                except Exception:  # noqa: BLE001 - the test client itself may time out
-                    st, body = 599, {}
-                if st in (503, 599) and time.monotonic() < deadline:
-                    unavailable += 1
-                    await asyncio.sleep(0.05 + random.random() * 0.1)
-                    continue
-                final[m] = (st, body)
-                return
-
-        wins_at_kill: list[int] = []
-
-        async def crash() -> None:
-            while len(final) < 30:
-                await asyncio.sleep(0.01)
-            wins_at_kill.append(sum(1 for st, _ in final.values() if st == 201))
-            cluster.kill(victim)
-            await asyncio.sleep(0.3)
-            await asyncio.to_thread(cluster.restart, victim)
-
-        await asyncio.gather(crash(), *(client(m) for m in ids))
-        assert unavailable > 0, "the crash happened after the burst"
-        assert 0 < wins_at_kill[0] < stock, "the crash was not mid-burst"
-        assert set(Counter(st for st, _ in final.values())) <= {201, 410}
+        final = await burst_with_a_kill(http, cluster, victim, ids, stock, kill_after=30)
         store = http.server.app[ENGINE].store
         await store.sweep_transfers(grace_ms=0)
         granted = {m: body["coupon"]["code"].replace("-", "")

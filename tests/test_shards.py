@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import pytest
 
+import conftest
 from conftest import campaign_toml, open_round, redis_now
 from engine import campaign as cmp
 from engine import keys, shards
@@ -22,14 +23,7 @@ S = 3
 
 
 def members_of(shard: int, n: int, prefix: str = "m") -> list[str]:
-    """``n`` member ids that the engine maps to ``shard`` (of S)."""
-    out, i = [], 0
-    while len(out) < n:
-        mid = f"{prefix}{i}"
-        if shards.member_shard(mid, S) == shard:
-            out.append(mid)
-        i += 1
-    return out
+    return conftest.members_of(shard, n, S, prefix)
 
 
 async def grab(e, member: str, venue: str = "V01", key: str | None = None):
