@@ -79,10 +79,11 @@ def redis_now(cluster: LocalCluster) -> "object":
     return datetime.fromtimestamp(sec + usec / 1e6, tz=timezone.utc)
 
 
-def campaign_text(cluster: LocalCluster, stock: dict[str, int], quota: int = 1) -> str:
+def campaign_text(cluster: LocalCluster, stock: dict[str, int], quota: int = 1,
+                  cid: str = CID) -> str:
     from datetime import timedelta
     now = redis_now(cluster)
-    return campaign_toml(cid=CID, quota=3, venues=tuple(stock), rounds=[
+    return campaign_toml(cid=cid, quota=3, venues=tuple(stock), rounds=[
         {"id": "R1", "opens": now - timedelta(minutes=5), "closes": now + timedelta(hours=1),
          "quota": quota, "stock": stock}])
 
@@ -118,6 +119,46 @@ async def grab(http: TestClient, mid: str, venue: str, key: str | None = None):
     return r.status, await r.json()
 
 
+# --- stock shards spread over the primaries (docs/cluster.md) ---------------------
+
+SHARDS = 3
+
+
+def spread_campaign_id(cluster: LocalCluster) -> str:
+    """A campaign id whose three stock shards are served by three different primaries."""
+    for i in range(1000):
+        cid = f"snow-sh{i}"
+        owners = {cluster.owner_of(keys.Keys(cid, s).campaign).port for s in range(SHARDS)}
+        if len(owners) == SHARDS:
+            return cid
+    raise AssertionError("no campaign id spreads over the three primaries")
+
+
+def members_of(shard: int, n: int, prefix: str = "m") -> list[str]:
+    return conftest.members_of(shard, n, SHARDS, prefix)
+
+
+async def check_sharded_invariants(r: object, cid: str, initial: dict[str, int],
+                                   granted: dict[str, str]) -> None:
+    """Per line: the shards' stock + issued = initial; no transfer in flight; every
+    granted code in its member's shard with that member; nobody over quota 1."""
+    store_keys = [keys.Keys(cid, s) for s in range(SHARDS)]
+    for k in store_keys:
+        assert await r.hlen(k.xfer_out) == 0  # type: ignore[attr-defined]
+    for vid, n in initial.items():
+        line = f"R1:{vid}"
+        left = [int(await r.hget(k.stock, line)) for k in store_keys]  # type: ignore[attr-defined]
+        issued = [int(await r.hget(k.stats, f"issued:{line}") or 0)  # type: ignore[attr-defined]
+                  for k in store_keys]
+        assert min(left) >= 0 and sum(left) + sum(issued) == n, (vid, left, issued)
+    for m, code in granted.items():
+        k = store_keys[shards.member_shard(m, SHARDS)]
+        assert shards.code_shard(code, SHARDS) == k.shard
+        rec = await r.hgetall(k.coupon(code))  # type: ignore[attr-defined]
+        assert rec["member"] == m and rec["status"] == "issued"
+        assert int(await r.hget(k.member(m), "total")) == 1  # type: ignore[attr-defined]
+
+
 # --- the engine on a cluster -------------------------------------------------------
 
 
@@ -150,11 +191,14 @@ async def test_burst_grants_exactly_the_stock_and_no_member_exceeds_quota(
     assert crossslot_errors(cluster) == before
 
 
+@pytest.mark.parametrize("n_shards", [1, 3])
 async def test_idempotent_replay_redeem_once_void_and_every_route(
-        cluster: LocalCluster, cluster_url: str, tmp_path: Path) -> None:
+        cluster: LocalCluster, cluster_url: str, tmp_path: Path, n_shards: int) -> None:
     before = crossslot_errors(cluster)
+    cid = CID if n_shards == 1 else spread_campaign_id(cluster)
     async with engine(cluster_url, tmp_path, campaign_text(
-            cluster, {"V01": 5, "V02": 5}, quota=2)) as (http, r, c):
+            cluster, {"V01": 5, "V02": 5}, quota=2, cid=cid),
+            stock_shards=n_shards) as (http, r, c):
         st, first = await grab(http, "alice", "V01", "tap-1")
         assert st == 201
         st, again = await grab(http, "alice", "V01", "tap-1")
@@ -163,7 +207,7 @@ async def test_idempotent_replay_redeem_once_void_and_every_route(
         assert st == 422 and other["error"]["code"] == "idempotency_key_reused"
         code = first["coupon"]["code"]
 
-        store = Store(r, c, Settings())
+        store = Store(r, c, Settings(), shards=n_shards)
         vkey = await store.add_venue_key("V01")
         await store.wire.close()
         venue = {"Authorization": f"Bearer {vkey}"}
@@ -172,7 +216,9 @@ async def test_idempotent_replay_redeem_once_void_and_every_route(
             for _ in range(20)))
         statuses = Counter(x.status for x in resps)
         assert statuses == Counter({200: 1, 409: 19})
-        assert (await r.hget(K.coupon(code.replace("-", "")), "status")) == "redeemed"
+        canonical = code.replace("-", "")
+        assert (await r.hget(store.code_keys(canonical).coupon(canonical), "status")) == \
+            "redeemed"
 
         # The rest of the API, so that every Redis call the engine makes runs once.
         st, second = await grab(http, "alice", "V02", "tap-2")
@@ -558,53 +604,7 @@ async def test_sigkill_of_the_campaign_primary_mid_burst_keeps_the_invariants(
         assert st == 201 and body["coupon"]["code"].replace("-", "") == granted[m0]
 
 
-# --- stock shards spread over the primaries ---------------------------------------
-
-SHARDS = 3
-
-
-def spread_campaign_id(cluster: LocalCluster) -> str:
-    """A campaign id whose three stock shards are served by three different primaries."""
-    for i in range(1000):
-        cid = f"snow-sh{i}"
-        owners = {cluster.owner_of(keys.Keys(cid, s).campaign).port for s in range(SHARDS)}
-        if len(owners) == SHARDS:
-            return cid
-    raise AssertionError("no campaign id spreads over the three primaries")
-
-
-def sharded_text(cluster: LocalCluster, cid: str, stock: dict[str, int], quota: int = 1) -> str:
-    from datetime import timedelta
-    now = redis_now(cluster)
-    return campaign_toml(cid=cid, quota=3, venues=tuple(stock), rounds=[
-        {"id": "R1", "opens": now - timedelta(minutes=5), "closes": now + timedelta(hours=1),
-         "quota": quota, "stock": stock}])
-
-
-def members_of(shard: int, n: int, prefix: str = "m") -> list[str]:
-    return conftest.members_of(shard, n, SHARDS, prefix)
-
-
-async def check_sharded_invariants(r: object, cid: str, initial: dict[str, int],
-                                   granted: dict[str, str]) -> None:
-    """Per line: the shards' stock + issued = initial; no transfer in flight; every
-    granted code in its member's shard with that member; nobody over quota 1."""
-    store_keys = [keys.Keys(cid, s) for s in range(SHARDS)]
-    for k in store_keys:
-        assert await r.hlen(k.xfer_out) == 0  # type: ignore[attr-defined]
-    for vid, n in initial.items():
-        line = f"R1:{vid}"
-        left = [int(await r.hget(k.stock, line)) for k in store_keys]  # type: ignore[attr-defined]
-        issued = [int(await r.hget(k.stats, f"issued:{line}") or 0)  # type: ignore[attr-defined]
-                  for k in store_keys]
-        assert min(left) >= 0 and sum(left) + sum(issued) == n, (vid, left, issued)
-    for m, code in granted.items():
-        k = store_keys[shards.member_shard(m, SHARDS)]
-        assert shards.code_shard(code, SHARDS) == k.shard
-        rec = await r.hgetall(k.coupon(code))  # type: ignore[attr-defined]
-        assert rec["member"] == m and rec["status"] == "issued"
-        assert int(await r.hget(k.member(m), "total")) == 1  # type: ignore[attr-defined]
-
+# --- stock shards: uneven demand and a crash ------------------------------------
 
 async def test_sharded_stock_runs_out_unevenly_across_three_primaries(
         cluster: LocalCluster, cluster_url: str, tmp_path: Path) -> None:
@@ -614,7 +614,7 @@ async def test_sharded_stock_runs_out_unevenly_across_three_primaries(
     before = crossslot_errors(cluster)
     cid = spread_campaign_id(cluster)
     stock = {"V01": 60}
-    async with engine(cluster_url, tmp_path, sharded_text(cluster, cid, stock),
+    async with engine(cluster_url, tmp_path, campaign_text(cluster, stock, cid=cid),
                       stock_shards=SHARDS) as (http, r, _):
         ids = members_of(0, 80)
         results = await asyncio.gather(*(grab(http, m, "V01", f"k-{m}") for m in ids))
@@ -644,7 +644,7 @@ async def test_sigkill_of_a_shard_primary_mid_burst_keeps_the_sharded_invariants
     to its member, no transfer lost or doubled (the sweeper finishes any in flight)."""
     cid = spread_campaign_id(cluster)
     stock = 90
-    async with engine(cluster_url, tmp_path, sharded_text(cluster, cid, {"V01": stock}),
+    async with engine(cluster_url, tmp_path, campaign_text(cluster, {"V01": stock}, cid=cid),
                       stock_shards=SHARDS, redis_timeout=1.0) as (http, r, _):
         victim = cluster.owner_of(keys.Keys(cid, 1).stock)
         # Twice as many members of shard 0 as of the others: transfers are needed.
