@@ -228,7 +228,7 @@ class Metrics:
     def redemption(self, venue_id: str, outcome: str) -> None:
         self.count(self.redemption_attempts, venue_id, outcome)
 
-    def count_transfer(self) -> None:
+    def count_refill(self) -> None:
         self.count(self.stock_refills)
 
     def http(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -166,7 +166,7 @@ class Engine:
             running = asyncio.ensure_future(self.store.refill(line, shard))
             self._refills[key] = running
             running.add_done_callback(lambda _f: self._refills.pop(key, None))
-            self.metrics.count_transfer()
+            self.metrics.count_refill()
         return await asyncio.shield(running)
 
     def _grab_reply(self, res: GrabResult, member_id: str, round_id: str, venue_id: str,
