@@ -52,6 +52,9 @@ CONSUMER = "ledger-archiver"
 BATCH = 1000
 # Another consumer's entry idle this long is presumed abandoned and claimed.
 MIN_IDLE_MS = 60_000
+# Redis (or one cluster node) not answering: retried on the next pass.
+UNREACHABLE = (rex.ConnectionError, rex.TimeoutError, OSError, rex.ClusterDownError,
+               rex.RedisClusterException)
 
 
 class _Crasher:
@@ -132,11 +135,19 @@ async def archive_once(client: aioredis.Redis, ledger: Ledger, consumer: str = C
     if cid is None:
         return 0
     total = 0
+    unreachable: Exception | None = None
     for shard, stream in shard_streams(cid, await shard_count(client, cid)):
-        total += await _archive_stream(client, ledger, cid, shard, stream, consumer,
-                                       batch, min_idle_ms, crash)
-        if trim:
-            await trim_archived(client, stream)
+        # On a cluster each shard is on its own primary: one that is down must
+        # not hold back the others' events, so it is reported after the rest.
+        try:
+            total += await _archive_stream(client, ledger, cid, shard, stream, consumer,
+                                           batch, min_idle_ms, crash)
+            if trim:
+                await trim_archived(client, stream)
+        except UNREACHABLE as exc:
+            unreachable = unreachable or exc
+    if unreachable is not None:
+        raise unreachable
     return total
 
 
@@ -262,8 +273,7 @@ async def archive_follow(client: aioredis.Redis, ledger: Ledger, stop: asyncio.E
             total += await archive_once(client, ledger, consumer, batch=batch,
                                         min_idle_ms=min_idle_ms, crash_point=crash_point)
             backoff = interval_s
-        except (rex.ConnectionError, rex.TimeoutError, OSError, rex.ClusterDownError,
-                rex.RedisClusterException) as exc:
+        except UNREACHABLE as exc:
             log.warning("archiver: Redis unavailable (%s); retrying", exc)
             backoff = min(backoff * 2, 10.0)
         except Exception:

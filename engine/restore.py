@@ -177,9 +177,9 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
 
     for e in events:
         where = f"ledger event {e.event_id} ({e.type} {e.code})"
-        if split_event_id(e.event_id)[0] != 0:
-            check_shards(c.id, {"the ledger's event ids, at least":
-                                split_event_id(e.event_id)[0] + 1})
+        shard, _ = split_event_id(e.event_id)
+        if shard:
+            check_shards(c.id, {"the ledger's event ids, at least": shard + 1})
         pos = event_id_key(e.event_id)
         if last is not None and pos <= last:
             raise RestoreError(f"{where}: events are not in stream order")

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import redis
@@ -214,6 +214,36 @@ async def test_trimming_is_per_shard(world: ShardedWorld, aredis: aioredis.Redis
     # Shard 0 keeps its undelivered entries, shard 1 its pending ones, shard 2 nothing.
     assert after == [new[0], len(s1_ids) - 2, 0]
     assert removed == sum(before) + 2 + new[2]
+
+
+class NodeDown:
+    """A client whose calls on one stream fail as if that cluster node were down."""
+
+    def __init__(self, client: aioredis.Redis, stream: str) -> None:
+        self.client, self.stream = client, stream
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self.client, name)
+
+        async def maybe_down(*args: Any, **kw: Any) -> Any:
+            named = [*args, *kw.values()]
+            if self.stream in named or any(isinstance(a, dict) and self.stream in a
+                                           for a in named):
+                raise redis.ConnectionError(f"node of {self.stream} is down")
+            return await call(*args, **kw)
+        return maybe_down
+
+
+async def test_one_unreachable_shard_does_not_hold_back_the_others(
+        world: ShardedWorld, aredis: aioredis.Redis, tmp_path: Path) -> None:
+    world.seed({0: 3, 1: 3, 2: 3})
+    down = NodeDown(aredis, world.stream(1))
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        with pytest.raises(redis.ConnectionError, match="is down"):
+            await archiver.archive_once(down, led)  # type: ignore[arg-type]
+        assert set(led.event_ids()) == set(world.expected[0] + world.expected[2])
+        assert await archiver.archive_once(aredis, led) == len(world.expected[1])
+        assert set(led.event_ids()) == set(world.all_expected())
 
 
 def test_ledger_ids_name_the_shard_and_sort_by_stream_order(tmp_path: Path) -> None:
