@@ -1,4 +1,12 @@
-"""Moves the campaign's event stream into the ledger, each event exactly once.
+"""Moves the campaign's event streams into the ledger, each event exactly once.
+
+A campaign loaded with S stock shards has S streams, one per shard and each in
+its own Redis Cluster slot (keys.Keys.of_shard). Each is archived on its own,
+with its own consumer group and one call per stream (never a multi-key
+XREADGROUP, which a cluster would refuse as CROSSSLOT). A coupon's whole life
+is in one shard's stream, so per-stream order is all the ledger needs; the
+ledger's event id names the shard (ledger.ledger_event_id) because two
+streams can hand out the same entry id.
 
 Order of operations per batch, and why it is crash-safe:
 
@@ -32,8 +40,9 @@ from redis import exceptions as rex
 
 from . import campaign as cmp
 from . import keys
-from .ledger import Ledger
+from .ledger import Ledger, ledger_event_id
 from .redisconn import open_client
+from .store import shard_count
 
 log = logging.getLogger("engine.archiver")
 
@@ -43,6 +52,9 @@ CONSUMER = "ledger-archiver"
 BATCH = 1000
 # Another consumer's entry idle this long is presumed abandoned and claimed.
 MIN_IDLE_MS = 60_000
+# Redis (or one cluster node) not answering: retried on the next pass.
+UNREACHABLE = (rex.ConnectionError, rex.TimeoutError, OSError, rex.ClusterDownError,
+               rex.RedisClusterException)
 
 
 class _Crasher:
@@ -75,27 +87,38 @@ async def ensure_group(client: aioredis.Redis, stream: str) -> None:
 
 
 async def sync_campaign(client: aioredis.Redis, ledger: Ledger) -> str | None:
-    """Copy the active campaign document into the ledger; returns its id."""
+    """Copy the active campaign document (and its shard count) into the ledger;
+    returns its id."""
     cid = await client.get(keys.ACTIVE)
     if cid is None:
         return None
     doc = await client.hget(keys.Keys(cid).campaign, "doc")
     if doc:
         await asyncio.to_thread(ledger.save_campaign, cmp.from_json(doc))
+    # Restore needs the count after Redis lost it, so the ledger keeps a copy.
+    await asyncio.to_thread(ledger.save_shard_count, cid, await shard_count(client, cid))
     return cid
 
 
-async def _write(ledger: Ledger, cid: str, entries: list[tuple[str, dict[str, str]]]) -> int:
+def shard_streams(campaign_id: str, shards: int) -> list[tuple[int, str]]:
+    """(shard, stream key) of every stock shard of the campaign."""
+    base = keys.Keys(campaign_id)
+    return [(s, base.of_shard(s).events) for s in range(shards)]
+
+
+async def _write(ledger: Ledger, cid: str, shard: int,
+                 entries: list[tuple[str, dict[str, str]]]) -> int:
     # Trimmed entries come back from a pending read with no fields; they were
     # acknowledged long ago by definition of our trim rule, so only ack them.
-    live = [(eid, f) for eid, f in entries if f]
+    live = [(ledger_event_id(shard, eid), f) for eid, f in entries if f]
     return await asyncio.to_thread(ledger.insert_events, cid, live)
 
 
-async def _process(client: aioredis.Redis, ledger: Ledger, cid: str, stream: str,
-                   entries: list[tuple[str, dict[str, str]]], crash: _Crasher) -> int:
+async def _process(client: aioredis.Redis, ledger: Ledger, cid: str, shard: int,
+                   stream: str, entries: list[tuple[str, dict[str, str]]],
+                   crash: _Crasher) -> int:
     crash.at("after_read")
-    new = await _write(ledger, cid, entries)
+    new = await _write(ledger, cid, shard, entries)
     crash.at("after_commit")
     await client.xack(stream, GROUP, *[eid for eid, _ in entries])
     return new
@@ -105,13 +128,33 @@ async def archive_once(client: aioredis.Redis, ledger: Ledger, consumer: str = C
                        campaign_id: str | None = None, batch: int = BATCH,
                        min_idle_ms: int = MIN_IDLE_MS, crash_point: str | None = None,
                        trim: bool = True) -> int:
-    """Drain the stream into the ledger; returns how many events were new to it."""
+    """Drain every shard's stream into the ledger; returns how many events were new."""
     crash = _Crasher(crash_point)
     cid = await sync_campaign(client, ledger)
     cid = campaign_id or cid
     if cid is None:
         return 0
-    stream = keys.Keys(cid).events
+    total = 0
+    unreachable: Exception | None = None
+    for shard, stream in shard_streams(cid, await shard_count(client, cid)):
+        # On a cluster each shard is on its own primary: one that is down must
+        # not hold back the others' events, so it is reported after the rest.
+        try:
+            total += await _archive_stream(client, ledger, cid, shard, stream, consumer,
+                                           batch, min_idle_ms, crash)
+            if trim:
+                await trim_archived(client, stream)
+        except UNREACHABLE as exc:
+            unreachable = unreachable or exc
+    if unreachable is not None:
+        raise unreachable
+    return total
+
+
+async def _archive_stream(client: aioredis.Redis, ledger: Ledger, cid: str, shard: int,
+                          stream: str, consumer: str, batch: int, min_idle_ms: int,
+                          crash: _Crasher) -> int:
+    """One shard's stream: own pending entries, then abandoned ones, then new ones."""
     await ensure_group(client, stream)
     total = 0
 
@@ -122,7 +165,7 @@ async def archive_once(client: aioredis.Redis, ledger: Ledger, consumer: str = C
         entries = _entries(resp)
         if not entries:
             break
-        total += await _process(client, ledger, cid, stream, entries, crash)
+        total += await _process(client, ledger, cid, shard, stream, entries, crash)
         start = entries[-1][0]
 
     # 2. Entries another (dead) consumer read and never acked.
@@ -132,7 +175,7 @@ async def archive_once(client: aioredis.Redis, ledger: Ledger, consumer: str = C
                                       count=batch)
         cursor, claimed = res[0], [(eid, f or {}) for eid, f in res[1]]
         if claimed:
-            total += await _process(client, ledger, cid, stream, claimed, crash)
+            total += await _process(client, ledger, cid, shard, stream, claimed, crash)
         if cursor in ("0-0", b"0-0"):
             break
 
@@ -142,10 +185,7 @@ async def archive_once(client: aioredis.Redis, ledger: Ledger, consumer: str = C
         entries = _entries(resp)
         if not entries:
             break
-        total += await _process(client, ledger, cid, stream, entries, crash)
-
-    if trim:
-        await trim_archived(client, stream)
+        total += await _process(client, ledger, cid, shard, stream, entries, crash)
     return total
 
 
@@ -193,9 +233,19 @@ async def trim_archived(client: aioredis.Redis, stream: str) -> int:
     return await client.xtrim(stream, minid=minid, approximate=False)
 
 
+async def trim_campaign(client: aioredis.Redis, campaign_id: str) -> int:
+    """trim_archived on every shard's stream; returns the entries removed."""
+    streams = shard_streams(campaign_id, await shard_count(client, campaign_id))
+    return sum([await trim_archived(client, stream) for _, stream in streams])
+
+
 async def lag(client: aioredis.Redis, campaign_id: str) -> int:
-    """Events in the stream not yet in the ledger (undelivered + pending)."""
-    stream = keys.Keys(campaign_id).events
+    """Events not yet in the ledger (undelivered + pending), summed over shards."""
+    streams = shard_streams(campaign_id, await shard_count(client, campaign_id))
+    return sum([await _stream_lag(client, stream) for _, stream in streams])
+
+
+async def _stream_lag(client: aioredis.Redis, stream: str) -> int:
     try:
         groups = await client.xinfo_groups(stream)
     except rex.ResponseError:
@@ -223,8 +273,7 @@ async def archive_follow(client: aioredis.Redis, ledger: Ledger, stop: asyncio.E
             total += await archive_once(client, ledger, consumer, batch=batch,
                                         min_idle_ms=min_idle_ms, crash_point=crash_point)
             backoff = interval_s
-        except (rex.ConnectionError, rex.TimeoutError, OSError, rex.ClusterDownError,
-                rex.RedisClusterException) as exc:
+        except UNREACHABLE as exc:
             log.warning("archiver: Redis unavailable (%s); retrying", exc)
             backoff = min(backoff * 2, 10.0)
         except Exception:

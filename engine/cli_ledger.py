@@ -26,6 +26,7 @@ from .config import Settings, from_env
 from .embedded import EmbeddedRedisError, ensure_running
 from .ledger import Ledger
 from .redisconn import open_client
+from .shards import MAX_SHARDS
 
 log = logging.getLogger("engine.cli_ledger")
 CRASH_ENV = "COUPON_ARCHIVER_CRASH_POINT"
@@ -202,11 +203,23 @@ def _restore_summary(t: restore.Target, verb: str = "restored") -> str:
     return "\n".join(lines)
 
 
+def _shard_counts(ledger: Ledger, campaign_id: str, declared: int | None) -> dict[str, int]:
+    """Every shard count the ledger and the operator give, for restore.check_shards."""
+    counts = {"the ledger": ledger.shard_count(campaign_id),
+              "the ledger's event ids, at least": ledger.event_shards(campaign_id)}
+    if declared is not None:
+        counts["--shards"] = declared
+    return counts
+
+
 async def _restore(url: str, ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
     # Single Redis only: restore writes cpn:active in the same MULTI as the campaign keys.
     client = open_client(url, connect_timeout=5)
     try:
         c = _restore_campaign(ledger, args.campaign)
+        from .store import shard_count
+        restore.check_shards(c.id, {**_shard_counts(ledger, c.id, args.shards),
+                                    "Redis": await shard_count(client, c.id)})
         existing = await restore.inspect(client, c.id)
         why = restore.check_target(existing, c.id, args.force)
         if why:
@@ -234,6 +247,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     s = _settings(args)
     if args.batch < 1:
         return _fail("--batch must be positive")
+    if args.shards is not None and not 1 <= args.shards <= MAX_SHARDS:
+        return _fail(f"--shards must be 1..{MAX_SHARDS}")
     if not s.ledger_path.is_file():
         return _fail(f"no ledger at {s.ledger_path}; restore rebuilds Redis from it")
     try:
@@ -241,6 +256,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             if args.dry_run:
                 from .domain import utc_now_ms
                 c = _restore_campaign(ledger, args.campaign)
+                restore.check_shards(c.id, _shard_counts(ledger, c.id, args.shards))
                 target = restore.build(c, ledger.events_of(c.id), utc_now_ms(),
                                        s.idempotency_ttl_s)
                 print("dry run, nothing written")
@@ -299,6 +315,9 @@ def register(subparsers: Any) -> None:
                    help="check the ledger and print what would be restored; touch no Redis")
     p.add_argument("--batch", type=int, default=restore.DEFAULT_BATCH, metavar="N",
                    help="Redis commands per pipelined write (default %(default)s)")
+    p.add_argument("--shards", type=int, default=None, metavar="S",
+                   help="the campaign's stock shard count, for a ledger that does not record"
+                        " it (default: the ledger's, else 1); only 1 can be restored")
     _common(p)
     p.set_defaults(func=cmd_restore)
 

@@ -2,7 +2,8 @@
 
 Redis is the live truth for grabs and redemptions; the ledger is the record
 money is paid from. Every stream entry becomes exactly one ``events`` row
-(primary key = stream entry id), so delivering an entry twice is harmless.
+(primary key = the entry's id, qualified by its stock shard when that is not
+shard 0: see ``ledger_event_id``), so delivering an entry twice is harmless.
 ``coupons`` is kept in the same transaction as the events that change it, so
 it can never disagree with ``events``. The schema uses only portable types
 (TEXT, INTEGER) so a PostgreSQL backend can mirror it table for table.
@@ -20,7 +21,7 @@ from .campaign import Campaign
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    event_id    TEXT PRIMARY KEY,          -- Redis stream entry id, unique per campaign stream
+    event_id    TEXT PRIMARY KEY,          -- stream entry id; '<shard>/<id>' for shards >= 1
     campaign_id TEXT NOT NULL,
     type        TEXT NOT NULL,             -- grant | redeem | void
     code        TEXT NOT NULL,             -- canonical 17-character code
@@ -98,10 +99,33 @@ class LedgerError(RuntimeError):
     pass
 
 
-def stream_id_key(event_id: str) -> tuple[int, int]:
-    """A Redis stream id ('<ms>-<seq>') as a sortable pair: '999-0' < '1000-0'."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
+def ledger_event_id(shard: int, stream_id: str) -> str:
+    """The ledger's id of an entry of stock shard ``shard``'s stream.
+
+    Entry ids are unique per stream only, and every shard has its own stream.
+    Shard 0 keeps the bare id, so an unsharded campaign's ledger is what it
+    always was; other shards' ids are '<shard>/<stream id>', e.g. '2/1700000000000-0'.
+    """
+    return stream_id if shard == 0 else f"{shard}/{stream_id}"
+
+
+def split_event_id(event_id: str) -> tuple[int, str]:
+    """(shard, stream id) of a ledger event id; the inverse of ``ledger_event_id``."""
+    shard, sep, stream_id = event_id.partition("/")
+    return (int(shard), stream_id) if sep else (0, event_id)
+
+
+def event_id_key(event_id: str) -> tuple[int, int, int]:
+    """A ledger event id as a sortable (ms, seq, shard): '999-0' < '1000-0'.
+
+    Within one shard this is that stream's order, which is all that ordering
+    events of one coupon or one member needs (both live in one shard). Across
+    shards it interleaves by the time Redis added the entries, the shard
+    number only breaking ties between identical ids.
+    """
+    shard, stream_id = split_event_id(event_id)
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0), shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,12 +275,20 @@ class Ledger:
                                (campaign_id,)).fetchone()[0]
 
     def events_of(self, campaign_id: str) -> list[EventRow]:
-        """Every event of the campaign, in stream order (ids compared as numbers)."""
+        """Every event of the campaign, in stream order (``event_id_key``)."""
         rows = [EventRow(*r) for r in self.db.execute(
             "SELECT event_id, type, code, round_id, venue_id, member_id, at_ms, restocked,"
             " idem_key FROM events WHERE campaign_id = ?", (campaign_id,))]
-        rows.sort(key=lambda e: stream_id_key(e.event_id))
+        rows.sort(key=lambda e: event_id_key(e.event_id))
         return rows
+
+    def event_shards(self, campaign_id: str) -> int:
+        """1 + the highest shard among the campaign's events (1 when it has none)."""
+        row = self.db.execute(
+            "SELECT max(CAST(substr(event_id, 1, instr(event_id, '/') - 1) AS INTEGER))"
+            " FROM events WHERE campaign_id = ? AND instr(event_id, '/') > 0",
+            (campaign_id,)).fetchone()
+        return (row[0] or 0) + 1
 
     # -- campaign copy ----------------------------------------------------------
 
@@ -278,6 +310,19 @@ class Ledger:
         except BaseException:
             self.rollback()
             raise
+
+    def save_shard_count(self, campaign_id: str, shards: int) -> None:
+        """Remember how many stock shards the campaign was loaded with. One shard
+        is what an absent entry means, so an unsharded campaign writes nothing."""
+        if shards == self.shard_count(campaign_id):
+            return
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        (f"shards:{campaign_id}", str(shards)))
+
+    def shard_count(self, campaign_id: str) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?",
+                              (f"shards:{campaign_id}",)).fetchone()
+        return int(row[0]) if row else 1
 
     def campaign(self, campaign_id: str | None = None) -> Campaign | None:
         if campaign_id is None:

@@ -26,6 +26,10 @@ everything archived and the archiver reads only new entries.
 
 Venue API keys (``vkeys``) are not in the ledger and are not rebuilt; with
 ``--force`` over a Redis that still has them, they are left as they are.
+
+Only campaigns with one stock shard are rebuilt: ``check_shards`` refuses a
+campaign that the ledger, Redis or the operator says has more (each shard's
+stock after transfers between shards is not in the ledger).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from . import campaign as cmp
 from . import keys as K
 from .archiver import GROUP
 from .campaign import Campaign
-from .ledger import EventRow, stream_id_key
+from .ledger import EventRow, event_id_key, split_event_id
 
 CRASH_ENV = "COUPON_RESTORE_CRASH_POINT"
 DEFAULT_BATCH = 5000
@@ -52,6 +56,22 @@ class RestoreError(ValueError):
 
 class RestoreRefused(RuntimeError):
     """The target Redis already holds state that restore would overwrite."""
+
+
+def check_shards(campaign_id: str, counts: dict[str, int]) -> None:
+    """Refuse a campaign with more than one stock shard.
+
+    ``counts`` maps where a shard count was found (the ledger, Redis, --shards)
+    to that count; any of them above 1 is enough, since each source can miss
+    it (a ledger archived before it recorded the count, a Redis that lost it).
+    """
+    sharded = {where: n for where, n in counts.items() if n > 1}
+    if sharded:
+        said = ", ".join(f"{n} per {where}" for where, n in sharded.items())
+        raise RestoreError(
+            f"campaign {campaign_id} has stock shards ({said}); restore rebuilds only"
+            " campaigns with one stock shard: a shard's stock after transfers between"
+            " shards is not in the ledger (docs/ledger.md, Restore)")
 
 
 # -- the pure part ---------------------------------------------------------------
@@ -153,11 +173,14 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
     member_codes: dict[str, list[str]] = {}
     redeemed: dict[str, dict[str, int]] = {}
     idem: dict[str, tuple[str, int]] = {}
-    last: tuple[int, int] | None = None
+    last: tuple[int, int, int] | None = None
 
     for e in events:
         where = f"ledger event {e.event_id} ({e.type} {e.code})"
-        pos = stream_id_key(e.event_id)
+        shard, _ = split_event_id(e.event_id)
+        if shard:
+            check_shards(c.id, {"the ledger's event ids, at least": shard + 1})
+        pos = event_id_key(e.event_id)
         if last is not None and pos <= last:
             raise RestoreError(f"{where}: events are not in stream order")
         last = pos
