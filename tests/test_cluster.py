@@ -659,6 +659,15 @@ async def test_sigkill_of_a_shard_primary_mid_burst_keeps_the_sharded_invariants
         for m in ids:
             k = keys.Keys(cid, shards.member_shard(m, SHARDS))
             assert int(await r.hget(k.member(m), "total") or 0) == (1 if m in granted else 0)
+        # Every shard's event stream reaches the ledger: exactly the grants, once.
+        with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+            assert await archiver.archive_once(r, ledger) == stock
+            assert await archiver.archive_once(r, ledger) == 0
+            assert await archiver.lag(r, cid) == 0
+            rows = ledger.coupons_by_code(granted.values())
+            assert {code: row.member_id for code, row in rows.items()} == {
+                code: m for m, code in granted.items()}
+            assert len({shards.code_shard(code, SHARDS) for code in rows}) == SHARDS
 
 
 # --- coupon-engine serve, as a process, on the cluster ----------------------------
