@@ -193,6 +193,9 @@ def _restore_summary(t: restore.Target, verb: str = "restored") -> str:
         f"event stream resumes after {r.last_event_id or '0-0'}; the archiver's group"
         f" '{archiver.GROUP}' is positioned there",
     ]
+    if t.shards > 1:
+        lines.append(f"{t.shards} stock shards: each line's remaining stock split evenly over"
+                     " them; each shard's stream resumes after its own last archived event")
     if r.grants_without_key_record:
         lines.append(f"warning: {r.grants_without_key_record} recent grant(s) were archived"
                      " before grant events carried the Idempotency-Key; their replay records"
@@ -203,13 +206,12 @@ def _restore_summary(t: restore.Target, verb: str = "restored") -> str:
     return "\n".join(lines)
 
 
-def _shard_counts(ledger: Ledger, campaign_id: str, declared: int | None) -> dict[str, int]:
-    """Every shard count the ledger and the operator give, for restore.check_shards."""
-    counts = {"the ledger": ledger.shard_count(campaign_id),
-              "the ledger's event ids, at least": ledger.event_shards(campaign_id)}
-    if declared is not None:
-        counts["--shards"] = declared
-    return counts
+def _shards(ledger: Ledger, campaign_id: str, declared: int | None,
+            in_redis: int = 1) -> int:
+    """The stock shard count restore rebuilds with (restore.resolve_shards)."""
+    return restore.resolve_shards(
+        campaign_id, {"the ledger": ledger.shard_count(campaign_id), "Redis": in_redis},
+        ledger.event_shards(campaign_id), declared)
 
 
 async def _restore(url: str, ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
@@ -218,9 +220,8 @@ async def _restore(url: str, ledger: Ledger, s: Settings, args: argparse.Namespa
     try:
         c = _restore_campaign(ledger, args.campaign)
         from .store import shard_count
-        restore.check_shards(c.id, {**_shard_counts(ledger, c.id, args.shards),
-                                    "Redis": await shard_count(client, c.id)})
-        existing = await restore.inspect(client, c.id)
+        shards = _shards(ledger, c.id, args.shards, await shard_count(client, c.id))
+        existing = await restore.inspect(client, c.id, shards)
         why = restore.check_target(existing, c.id, args.force)
         if why:
             raise _Refused(why)
@@ -234,7 +235,7 @@ async def _restore(url: str, ledger: Ledger, s: Settings, args: argparse.Namespa
         from .store import redis_time_ms
         now = await redis_time_ms(client)
         events = await asyncio.to_thread(ledger.events_of, c.id)
-        target = restore.build(c, events, now, s.idempotency_ttl_s)
+        target = restore.build(c, events, now, s.idempotency_ttl_s, shards)
         await restore.apply(client, target, batch=args.batch,
                             crash_point=os.environ.get(restore.CRASH_ENV) or None)
         print(_restore_summary(target))
@@ -256,9 +257,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
             if args.dry_run:
                 from .domain import utc_now_ms
                 c = _restore_campaign(ledger, args.campaign)
-                restore.check_shards(c.id, _shard_counts(ledger, c.id, args.shards))
                 target = restore.build(c, ledger.events_of(c.id), utc_now_ms(),
-                                       s.idempotency_ttl_s)
+                                       s.idempotency_ttl_s,
+                                       _shards(ledger, c.id, args.shards))
                 print("dry run, nothing written")
                 print(_restore_summary(target, "would restore"))
                 return 0
@@ -317,7 +318,7 @@ def register(subparsers: Any) -> None:
                    help="Redis commands per pipelined write (default %(default)s)")
     p.add_argument("--shards", type=int, default=None, metavar="S",
                    help="the campaign's stock shard count, for a ledger that does not record"
-                        " it (default: the ledger's, else 1); only 1 can be restored")
+                        " it (default: the ledger's, else 1); must agree with the ledger's")
     _common(p)
     p.set_defaults(func=cmd_restore)
 

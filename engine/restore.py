@@ -27,9 +27,14 @@ everything archived and the archiver reads only new entries.
 Venue API keys (``vkeys``) are not in the ledger and are not rebuilt; with
 ``--force`` over a Redis that still has them, they are left as they are.
 
-Only campaigns with one stock shard are rebuilt: ``check_shards`` refuses a
-campaign that the ledger, Redis or the operator says has more (each shard's
-stock after transfers between shards is not in the ledger).
+A campaign with S stock shards is rebuilt into S shards (``resolve_shards``
+decides S from the ledger, Redis and ``--shards``, refusing when they
+disagree): members, coupons and idempotency records go to their own shards,
+each shard's stream resumes after that shard's last archived id, and since
+the ledger does not say where stock stood after transfers between shards,
+each line's remaining stock is split evenly over the shards, with the
+shards' ``xfer_in``/``xfer_out`` counters set so that every shard's
+``stock = initial - issued + returned_open - xfer_out + xfer_in`` holds.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from . import keys as K
 from .archiver import GROUP
 from .campaign import Campaign
 from .ledger import EventRow, event_id_key, split_event_id
+from .shards import code_shard, member_shard, split
 
 CRASH_ENV = "COUPON_RESTORE_CRASH_POINT"
 DEFAULT_BATCH = 5000
@@ -58,20 +64,29 @@ class RestoreRefused(RuntimeError):
     """The target Redis already holds state that restore would overwrite."""
 
 
-def check_shards(campaign_id: str, counts: dict[str, int]) -> None:
-    """Refuse a campaign with more than one stock shard.
+def resolve_shards(campaign_id: str, recorded: dict[str, int], at_least: int,
+                   declared: int | None) -> int:
+    """The stock shard count to rebuild with.
 
-    ``counts`` maps where a shard count was found (the ledger, Redis, --shards)
-    to that count; any of them above 1 is enough, since each source can miss
-    it (a ledger archived before it recorded the count, a Redis that lost it).
+    ``recorded`` maps each source that stores the count (the ledger, Redis) to
+    what it says, 1 meaning "nothing recorded" (an unsharded campaign records
+    nothing, and a Redis that lost everything has lost it too); ``at_least`` is
+    1 + the highest shard among the ledger's event ids; ``declared`` is
+    ``--shards``. Every source that says more than 1 and ``--shards`` must
+    agree, and the result must hold every archived event's shard.
     """
-    sharded = {where: n for where, n in counts.items() if n > 1}
-    if sharded:
-        said = ", ".join(f"{n} per {where}" for where, n in sharded.items())
+    said = {where: n for where, n in recorded.items() if n > 1}
+    if declared is not None:
+        said["--shards"] = declared
+    if len(set(said.values())) > 1:
+        listed = ", ".join(f"{n} per {where}" for where, n in said.items())
+        raise RestoreError(f"campaign {campaign_id}: the stock shard counts disagree ({listed})")
+    shards = next(iter(said.values()), 1)
+    if shards < at_least:
         raise RestoreError(
-            f"campaign {campaign_id} has stock shards ({said}); restore rebuilds only"
-            " campaigns with one stock shard: a shard's stock after transfers between"
-            " shards is not in the ledger (docs/ledger.md, Restore)")
+            f"campaign {campaign_id}: the ledger holds events of stock shard {at_least - 1},"
+            f" more than {shards} shard(s); pass --shards with the count it was loaded with")
+    return shards
 
 
 # -- the pure part ---------------------------------------------------------------
@@ -96,6 +111,16 @@ class Report:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+@dataclass(frozen=True)
+class Stream:
+    """One shard's event stream as restore recreates it: empty, its last id at the
+    shard's last archived event, the archiver's group positioned there."""
+
+    key: str
+    last_id: str | None
+    entries_added: int
+
+
 @dataclass
 class Target:
     """The campaign's Redis state after restore, key by key.
@@ -111,14 +136,17 @@ class Target:
     lists: dict[str, list[str]]
     zsets: dict[str, dict[str, int]]
     expiring: dict[str, tuple[str, int]]  # key -> (value, absolute expiry in ms)
-    stream: str
-    last_id: str | None
-    entries_added: int
+    streams: list[Stream]
     report: Report
+    shards: int = 1
 
     @property
     def keys(self) -> K.Keys:
         return K.Keys(self.campaign_id)
+
+    @property
+    def shard_keys(self) -> list[K.Keys]:
+        return [K.Keys(self.campaign_id, s) for s in range(self.shards)]
 
     def data_commands(self) -> Iterator[tuple[Any, ...]]:
         """The batched part, as Redis commands."""
@@ -150,36 +178,50 @@ class _Coupon:
     venue_id: str
     member_id: str
     fields: dict[str, str]
+    shard: int = 0
 
 
 def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
-          idempotency_ttl_s: int) -> Target:
-    """Replay ``events`` (stream order) over campaign ``c``, as the scripts did."""
-    k = K.Keys(c.id)
+          idempotency_ttl_s: int, shards: int = 1) -> Target:
+    """Replay ``events`` (stream order) over campaign ``c``, as the scripts did,
+    into ``shards`` stock shards."""
+    ks = [K.Keys(c.id, s) for s in range(shards)]
     rep = Report(events=len(events))
     rounds = {r.id: r for r in c.rounds}
-    # Counters per '<R>:<V>' line, named as in the stats hash.
-    stats: dict[str, int] = {}
+    # Counters per shard and '<R>:<V>' line, named as in the stats hash.
+    stats: list[dict[str, int]] = [{} for _ in range(shards)]
     for r in c.rounds:
         for vid, n in r.stock.items():
-            stats[f"initial:{r.id}:{vid}"] = n
+            for s, share in enumerate(split(n, shards)):
+                stats[s][f"initial:{r.id}:{vid}"] = share
+    last_in_shard: list[str | None] = [None] * shards
+    entries_in_shard = [0] * shards
 
-    def bump(counter: str, line: str) -> None:
+    def bump(shard: int, counter: str, line: str) -> None:
         name = f"{counter}:{line}"
-        stats[name] = stats.get(name, 0) + 1
+        stats[shard][name] = stats[shard].get(name, 0) + 1
 
     coupons: dict[str, _Coupon] = {}
     members: dict[str, dict[str, int]] = {}
     member_codes: dict[str, list[str]] = {}
-    redeemed: dict[str, dict[str, int]] = {}
+    redeemed: dict[tuple[int, str], dict[str, int]] = {}
+    member_shards: dict[str, int] = {}
     idem: dict[str, tuple[str, int]] = {}
     last: tuple[int, int, int] | None = None
 
     for e in events:
         where = f"ledger event {e.event_id} ({e.type} {e.code})"
-        shard, _ = split_event_id(e.event_id)
-        if shard:
-            check_shards(c.id, {"the ledger's event ids, at least": shard + 1})
+        shard, stream_id = split_event_id(e.event_id)
+        if shard >= shards:
+            raise RestoreError(f"{where}: from stock shard {shard}, restoring {shards} shard(s)")
+        if shards > 1 and (code_shard(e.code, shards), member_shard(e.member_id, shards)) != (
+                shard, shard):
+            raise RestoreError(f"{where}: written by shard {shard}, but its code and member"
+                               f" belong to shards {code_shard(e.code, shards)} and"
+                               f" {member_shard(e.member_id, shards)} of {shards}")
+        last_in_shard[shard] = stream_id
+        entries_in_shard[shard] += 1
+        k = ks[shard]
         pos = event_id_key(e.event_id)
         if last is not None and pos <= last:
             raise RestoreError(f"{where}: events are not in stream order")
@@ -196,12 +238,13 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
                       "status": "issued", "issued_at": str(e.at_ms),
                       "valid_from": str(r.valid_from_ms), "valid_until": str(r.valid_until_ms),
                       "closes_at": str(r.closes_at_ms)}
-            coupons[e.code] = _Coupon(e.round_id, e.venue_id, e.member_id, fields)
+            coupons[e.code] = _Coupon(e.round_id, e.venue_id, e.member_id, fields, shard)
+            member_shards[e.member_id] = shard
             m = members.setdefault(e.member_id, {})
             m["total"] = m.get("total", 0) + 1
             m[f"r:{e.round_id}"] = m.get(f"r:{e.round_id}", 0) + 1
             member_codes.setdefault(e.member_id, []).append(e.code)
-            bump("issued", line)
+            bump(shard, "issued", line)
             expires = e.at_ms + idempotency_ttl_s * 1000
             if e.idem_key is None:
                 # Archived before grants carried their key: if it had one, its
@@ -229,47 +272,59 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
             if status != "issued":
                 raise RestoreError(f"{where}: redeemed while {status}")
             cp.fields.update(status="redeemed", redeemed_at=str(e.at_ms))
-            bump("redeemed", line)
-            redeemed.setdefault(e.venue_id, {})[e.code] = e.at_ms
+            bump(shard, "redeemed", line)
+            redeemed.setdefault((shard, e.venue_id), {})[e.code] = e.at_ms
         elif e.type == "void":
             if status != "issued":
                 raise RestoreError(f"{where}: voided while {status}")
             cp.fields.update(status="void", voided_at=str(e.at_ms))
-            bump("void", line)
+            bump(shard, "void", line)
             # void.lua restocks while the round is open (now < closes_at); the
             # event records which happened, older rows are decided the same way.
             restocked = e.restocked if e.restocked is not None else int(e.at_ms < r.closes_at_ms)
-            bump("returned_open" if restocked else "returned_closed", line)
+            bump(shard, "returned_open" if restocked else "returned_closed", line)
         else:
             raise RestoreError(f"{where}: unknown event type")
 
-    stock: dict[str, str] = {}
+    stock: list[dict[str, str]] = [{} for _ in range(shards)]
     for r in c.rounds:
         for vid in r.stock:
             line = f"{r.id}:{vid}"
-            n = (stats[f"initial:{line}"] - stats.get(f"issued:{line}", 0)
-                 + stats.get(f"returned_open:{line}", 0))
-            if n < 0:
-                rep.warnings.append(f"stock line {line} is {n}: more coupons granted than stock")
-            stock[line] = str(n)
+            # What each shard would hold had no stock moved between shards...
+            own = [st[f"initial:{line}"] - st.get(f"issued:{line}", 0)
+                   + st.get(f"returned_open:{line}", 0) for st in stats]
+            left = sum(own)
+            if left < 0:
+                rep.warnings.append(f"stock line {line} is {left}: more coupons granted than stock")
+            # ...and an even split of what is left, the difference booked as transfers.
+            for sh, n in enumerate(split(left, shards)):
+                stock[sh][line] = str(n)
+                if n > own[sh]:
+                    stats[sh][f"xfer_in:{line}"] = n - own[sh]
+                elif n < own[sh]:
+                    stats[sh][f"xfer_out:{line}"] = own[sh] - n
 
-    final_hashes: dict[str, dict[str, str]] = {
-        k.campaign: {"id": c.id, "quota": str(c.member_campaign_quota),
-                     "doc": cmp.to_json(c).decode(), "fingerprint": c.fingerprint()},
-    }
-    for r in c.rounds:
-        final_hashes[k.round(r.id)] = {
-            "o": str(r.opens_at_ms), "c": str(r.closes_at_ms), "q": str(r.member_round_quota),
-            "vf": str(r.valid_from_ms), "vu": str(r.valid_until_ms)}
-    if stock:
-        final_hashes[k.stock] = stock
-    final_hashes[k.stats] = {name: str(n) for name, n in stats.items()}
+    final_hashes: dict[str, dict[str, str]] = {}
+    for sh, k in enumerate(ks):
+        final_hashes[k.campaign] = {"quota": str(c.member_campaign_quota),
+                                    "fingerprint": c.fingerprint()}
+        for r in c.rounds:
+            final_hashes[k.round(r.id)] = {
+                "o": str(r.opens_at_ms), "c": str(r.closes_at_ms),
+                "q": str(r.member_round_quota),
+                "vf": str(r.valid_from_ms), "vu": str(r.valid_until_ms)}
+        if stock[sh]:
+            final_hashes[k.stock] = stock[sh]
+        final_hashes[k.stats] = {name: str(n) for name, n in stats[sh].items()}
+    final_hashes[ks[0].campaign].update(id=c.id, doc=cmp.to_json(c).decode())
+    if shards > 1:
+        final_hashes[ks[0].campaign]["shards"] = str(shards)
 
     hashes: dict[str, dict[str, str]] = {}
     for code, cp in coupons.items():
-        hashes[k.coupon(code)] = cp.fields
+        hashes[ks[cp.shard].coupon(code)] = cp.fields
     for mid, m in members.items():
-        hashes[k.member(mid)] = {f: str(n) for f, n in m.items()}
+        hashes[ks[member_shards[mid]].member(mid)] = {f: str(n) for f, n in m.items()}
 
     rep.coupons = len(coupons)
     rep.issued = sum(1 for e in events if e.type == "grant")
@@ -280,10 +335,13 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
     rep.last_event_id = events[-1].event_id if events else None
     return Target(
         campaign_id=c.id, active=c.id, final_hashes=final_hashes, hashes=hashes,
-        lists={k.member_coupons(m): codes[::-1] for m, codes in member_codes.items()},
-        zsets={k.venue_redemptions(v): z for v, z in redeemed.items()},
-        expiring=idem, stream=k.events, last_id=rep.last_event_id,
-        entries_added=len(events), report=rep)
+        lists={ks[member_shards[m]].member_coupons(m): codes[::-1]
+               for m, codes in member_codes.items()},
+        zsets={ks[sh].venue_redemptions(v): z for (sh, v), z in redeemed.items()},
+        expiring=idem,
+        streams=[Stream(k.events, last_in_shard[sh], entries_in_shard[sh])
+                 for sh, k in enumerate(ks)],
+        report=rep, shards=shards)
 
 
 def marker_key(campaign_id: str) -> str:
@@ -314,11 +372,13 @@ async def _scan(client: Any, pattern: str, limit: int | None = None) -> list[str
     return found
 
 
-async def inspect(client: Any, campaign_id: str) -> Existing:
+async def inspect(client: Any, campaign_id: str, shards: int = 1) -> Existing:
     active = await client.get(K.ACTIVE)
     interrupted = bool(await client.exists(marker_key(campaign_id)))
-    n = len(await _scan(client, f"{K.Keys(campaign_id).tag}:*", limit=1000))
-    return Existing(active, interrupted, n)
+    n = 0
+    for s in range(shards):
+        n += len(await _scan(client, f"{K.Keys(campaign_id, s).tag}:*", limit=1000))
+    return Existing(active, interrupted, min(n, 1000))
 
 
 def check_target(existing: Existing, campaign_id: str, force: bool) -> str | None:
@@ -368,24 +428,28 @@ async def apply(client: Any, t: Target, *, batch: int = DEFAULT_BATCH,
     #    ledger's last id, in one transaction. From here on no worker sees a
     #    loaded campaign, and any event written meanwhile sorts after the ledger.
     async with client.pipeline(transaction=True) as pipe:
-        pipe.set(marker, json.dumps({"last_event_id": t.last_id}))
+        pipe.set(marker, json.dumps({"last_event_id": t.report.last_event_id}))
         pipe.delete(K.ACTIVE)
-        pipe.delete(t.stream)
-        if t.last_id is None:
-            pipe.execute_command("XGROUP", "CREATE", t.stream, GROUP, "0", "MKSTREAM")
-        else:
-            pipe.execute_command("XGROUP", "CREATE", t.stream, GROUP, t.last_id, "MKSTREAM",
-                                 "ENTRIESREAD", t.entries_added)
-            # (max-deleted-entry-id stays 0-0: the archiver trims, it never XDELs.)
-            pipe.execute_command("XSETID", t.stream, t.last_id, "ENTRIESADDED", t.entries_added)
+        for st in t.streams:
+            pipe.delete(st.key)
+            if st.last_id is None:
+                pipe.execute_command("XGROUP", "CREATE", st.key, GROUP, "0", "MKSTREAM")
+            else:
+                pipe.execute_command("XGROUP", "CREATE", st.key, GROUP, st.last_id, "MKSTREAM",
+                                     "ENTRIESREAD", st.entries_added)
+                # (max-deleted-entry-id stays 0-0: the archiver trims, it never XDELs.)
+                pipe.execute_command("XSETID", st.key, st.last_id,
+                                     "ENTRIESADDED", st.entries_added)
         await pipe.execute()
 
     # 2. Clear what a previous run (or the replaced state) left. Venue API keys
     #    are not in the ledger: those still present (--force) are kept.
-    keep = {marker, t.stream}
+    keep = {marker, *(st.key for st in t.streams)}
     vkeys = k.venue_keys("")
-    stale = [key for key in await _scan(client, f"{k.tag}:*")
-             if key not in keep and not key.startswith(vkeys)]
+    stale = []
+    for sk in t.shard_keys:
+        stale += [key for key in await _scan(client, f"{sk.tag}:*")
+                  if key not in keep and not key.startswith(vkeys)]
     for i in range(0, len(stale), 1000):
         await client.unlink(*stale[i:i + 1000])
     crash.at("after_clear")

@@ -261,21 +261,45 @@ def test_ledger_ids_name_the_shard_and_sort_by_stream_order(tmp_path: Path) -> N
         assert led.event_shards("other") == 1
 
 
-# -- restore refuses a sharded campaign ---------------------------------------------------
+# -- restore: which shard count, and events that cannot be from their shard ----------------
 
 
-def test_build_refuses_shard_qualified_events() -> None:
+def test_build_refuses_events_that_cannot_be_from_their_shard() -> None:
     c = make_campaign()
-    grant = EventRow("1/1000-0", "grant", "A" * 17, "R1", "V01", "m", BASE_MS, None, "")
-    with pytest.raises(restore.RestoreError, match="stock shards"):
-        restore.build(c, [grant], BASE_MS, 86_400)
-    # The same event from shard 0 is restored: the refusal is about the shard.
-    plain = EventRow("1000-0", "grant", "A" * 17, "R1", "V01", "m", BASE_MS, None, "")
-    assert restore.build(c, [plain], BASE_MS, 86_400).report.coupons == 1
+    member = "m"
+    code = next(x for x in (codes.new_code() for _ in range(1000))
+                if shards.code_shard(x, 3) == shards.member_shard(member, 3))
+    shard = shards.member_shard(member, 3)
+    grant = EventRow(ledger_event_id(shard, "1000-0"), "grant", code, "R1", "V01", member,
+                     BASE_MS, None, "")
+    assert restore.build(c, [grant], BASE_MS, 86_400, shards=3).report.coupons == 1
+    # More shards in the ledger than restored.
+    far = EventRow("3/1000-0", "grant", code, "R1", "V01", member, BASE_MS, None, "")
+    with pytest.raises(restore.RestoreError, match="from stock shard 3, restoring 3"):
+        restore.build(c, [far], BASE_MS, 86_400, shards=3)
+    # An event in a shard its member and code do not belong to.
+    wrong = EventRow(ledger_event_id((shard + 1) % 3, "1000-0"), "grant", code, "R1", "V01",
+                     member, BASE_MS, None, "")
+    with pytest.raises(restore.RestoreError, match="its code and member belong to shards"):
+        restore.build(c, [wrong], BASE_MS, 86_400, shards=3)
 
 
-def _unsharded_ledger(data_dir: Path, how: str) -> None:
-    """A ledger holding one grant of an unsharded campaign, plus one hint of shards."""
+def test_resolve_shards_takes_the_count_every_source_agrees_on() -> None:
+    r = restore.resolve_shards
+    assert r("c", {"the ledger": 1, "Redis": 1}, 1, None) == 1
+    assert r("c", {"the ledger": 3, "Redis": 1}, 1, None) == 3     # Redis lost it
+    assert r("c", {"the ledger": 1, "Redis": 3}, 3, None) == 3     # ledger predates the record
+    assert r("c", {"the ledger": 1, "Redis": 1}, 2, 4) == 4        # the operator says
+    with pytest.raises(restore.RestoreError, match="disagree.*3 per the ledger.*2 per --shards"):
+        r("c", {"the ledger": 3, "Redis": 1}, 1, 2)
+    with pytest.raises(restore.RestoreError, match="disagree"):
+        r("c", {"the ledger": 2, "Redis": 3}, 1, None)
+    with pytest.raises(restore.RestoreError, match="events of stock shard 2.*pass --shards"):
+        r("c", {"the ledger": 1, "Redis": 1}, 3, None)
+
+
+def _ledger_with_hint(data_dir: Path, how: str) -> None:
+    """A ledger holding one shard-0 grant of a campaign, plus one hint of 3 shards."""
     c = make_campaign()
     base = {"code": "A" * 17, "round": "R1", "venue": "V01", "member": "m",
             "at": str(BASE_MS), "type": "grant", "idem": ""}
@@ -289,36 +313,32 @@ def _unsharded_ledger(data_dir: Path, how: str) -> None:
 
 
 # A dry run reads no Redis, so Redis's count is checked by a real run only.
-@pytest.mark.parametrize("how,dry_run", [
-    ("ledger", False), ("ledger", True), ("event ids", False), ("event ids", True),
-    ("--shards", False), ("--shards", True), ("Redis", False)])
-async def test_restore_refuses_a_sharded_campaign(redis_url: str, aredis: aioredis.Redis,
-                                                  tmp_path: Path, how: str,
-                                                  dry_run: bool) -> None:
+@pytest.mark.parametrize("how,extra,why", [
+    ("ledger", ["--shards", "2"], "disagree"),
+    ("ledger", ["--shards", "2", "--dry-run"], "disagree"),
+    ("event ids", [], "pass --shards"),
+    ("event ids", ["--dry-run"], "pass --shards"),
+    ("Redis", ["--shards", "2"], "disagree"),
+    ("ledger", [], "belong to shards")])   # 3 shards agreed, but A... is not shard 0's
+async def test_restore_refuses_what_it_cannot_rebuild_and_writes_nothing(
+        redis_url: str, aredis: aioredis.Redis, tmp_path: Path, how: str,
+        extra: list[str], why: str) -> None:
     data = tmp_path / "var"
     data.mkdir()
-    _unsharded_ledger(data, how)
-    campaign_hash = keys.Keys(make_campaign().id).campaign
+    _ledger_with_hint(data, how)
     if how == "Redis":
-        await aredis.hset(campaign_hash, "shards", 3)
+        await aredis.hset(keys.Keys(make_campaign().id).campaign, "shards", 3)
     before = sorted(await aredis.keys("*"))
-    extra = (["--shards", "3"] if how == "--shards" else []) + (
-        ["--dry-run"] if dry_run else [])
     p = run_restore(redis_url, data, *extra)
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "stock shards" in p.stderr and "3 per" in p.stderr, p.stderr
+    assert why in p.stderr, p.stderr
     assert sorted(await aredis.keys("*")) == before
-    # Without the hint the same ledger restores: the refusal is the shards'.
-    if how in ("--shards", "Redis"):
-        await aredis.flushall()
-        p = run_restore(redis_url, data, *[a for a in extra if a not in ("--shards", "3")])
-        assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_restore_rejects_a_bad_shard_count(redis_url: str, tmp_path: Path) -> None:
     data = tmp_path / "var"
     data.mkdir()
-    _unsharded_ledger(data, "none")
+    _ledger_with_hint(data, "none")
     p = run_restore(redis_url, data, "--shards", "0")
     assert p.returncode == 2 and "--shards must be 1.." in p.stderr, p.stderr
     p = run_restore(redis_url, data, "--shards", "1", "--dry-run")
