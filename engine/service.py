@@ -156,6 +156,13 @@ class Engine:
         raise errors.Unavailable("stock is being rebalanced; retry",
                                  headers={"Retry-After": "1"})
 
+    def _refill_done(self, key: tuple[str, int], f: asyncio.Future[int]) -> None:
+        self._refills.pop(key, None)
+        # Every waiter may have gone (clients hung up): mark a failure as seen here,
+        # the waiters still present get it from their own await.
+        if not f.cancelled():
+            f.exception()
+
     async def _refill(self, line: str, shard: int) -> int:
         """One refill of (line, shard) at a time per worker: the requests that found
         the shard dry together wait for the same transfer instead of each halving
@@ -165,7 +172,7 @@ class Engine:
         if running is None:
             running = asyncio.ensure_future(self.store.refill(line, shard))
             self._refills[key] = running
-            running.add_done_callback(lambda _f: self._refills.pop(key, None))
+            running.add_done_callback(lambda f: self._refill_done(key, f))
             self.metrics.count_refill()
         return await asyncio.shield(running)
 
