@@ -299,3 +299,21 @@ async def test_redeem_void_and_lists_find_sharded_coupons(make_engine, redis_url
     stats = await per_shard(e.redis, e.campaign.id, "stats")
     assert stats[shard]["returned_open:R1:V01"] == 1
     await assert_shard_invariants(e.redis, e.campaign.id)
+
+
+async def test_a_member_who_keeps_losing_refilled_stock_is_asked_to_retry_not_told_sold_out(
+        make_engine, redis_url, monkeypatch) -> None:
+    """After the bounded number of refill-and-grab tries, the answer is 503 with
+    Retry-After (stock may remain), never a sold_out that could be false."""
+    from engine import service
+    e = await make_engine(campaign_toml(rounds=[open_round(redis_url, stock={"V01": 3})]),
+                          stock_shards=S)
+    ids = members_of(0, 2)
+    assert (await grab(e, ids[0]))[0] == 201  # shard 0's one unit
+    monkeypatch.setattr(service, "_REFILL_ATTEMPTS", 0)
+    resp = await e.client.post("/v1/rounds/R1/grab", headers=e.member(ids[1]),
+                               json={"venue_id": "V01"})
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"]["code"] == "unavailable"
+    monkeypatch.setattr(service, "_REFILL_ATTEMPTS", 32)
+    assert (await grab(e, ids[1]))[0] == 201
