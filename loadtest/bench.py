@@ -20,7 +20,8 @@ Phases, all with the same wrk connections and server worker count:
   5s shards     grab.lua on ALL S stock shards at once: one redis-benchmark per shard, each
                 against the primary serving that shard's slot with that shard's keys, started
                 together; the sum (total calls / wall time of the slowest) and each shard's
-                rate, -P 1 / -P 16. With S = 1 it is phase 5's EVALSHA again.
+                rate, -P 1 / -P 16, and the Redis CPU per call (INFO cpu, commandstats).
+                With S = 1 it is phase 5's EVALSHA again.
 Phase 5 gives every redis-benchmark run its own member and code prefix: redis-benchmark
 seeds its __rand_int__ stream with time(NULL) ^ getpid(), so two runs can draw the very
 same numbers and the second then only measures refusals (round_quota_exceeded).
@@ -442,6 +443,25 @@ class Engine:
         self.log.close()
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its descendants, redis-server excluded:
+    the engine's workers and its archiver."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            comm = Path(f"/proc/{p}/comm").read_text().strip()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        if comm != "redis-server":
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def write_tokens(path: Path, secret: str, n: int) -> None:
     tag = secrets.token_hex(3)
     with path.open("w") as f:
@@ -501,6 +521,11 @@ def redis_bench_shards(engine: Engine, name: str, cmds: list[list[str]], pipelin
     """One redis-benchmark per stock shard (cmds[s] against shard s's primary), all
     started together. The sum is the calls of all of them over the wall time from the
     first start to the last exit (so a shard that finishes early does not inflate it)."""
+    # The Redis servers involved (S shards may share one), for their CPU per call.
+    nodes: dict[str, int] = {}
+    for s in range(len(cmds)):
+        nodes.setdefault(json.dumps(engine.redis_node(s), sort_keys=True), s)
+    cpu0 = {key: redis_cpu(engine, s) for key, s in nodes.items()}
     procs = []
     t0 = time.monotonic()
     for s, cmd in enumerate(cmds):
@@ -518,12 +543,29 @@ def redis_bench_shards(engine: Engine, name: str, cmds: list[list[str]], pipelin
                 proc.kill()
                 proc.wait()
     wall = time.monotonic() - t0
+    cpu1 = {key: redis_cpu(engine, s) for key, s in nodes.items()}
+    cpu_s = sum(cpu1[key][0] - cpu0[key][0] for key in nodes)
+    lua_us = sum(cpu1[key][1] - cpu0[key][1] for key in nodes)
+    calls = sum(cpu1[key][2] - cpu0[key][2] for key in nodes)
     total = Result(phase=name, rps=n * len(cmds) / wall, requests=n * len(cmds),
                    p50_ms=statistics.median(r.p50_ms for r in per),
                    p99_ms=max(r.p99_ms for r in per),
                    note=f"{len(cmds)} x n={n} in {wall:.2f} s; per shard " + " / ".join(
-                       f"{r.rps:,.0f}" for r in per) + f" (sum {sum(r.rps for r in per):,.0f})")
+                       f"{r.rps:,.0f}" for r in per) + f" (sum {sum(r.rps for r in per):,.0f})"
+                   + f"; Redis CPU {cpu_s / max(calls, 1) * 1e6:.1f} us/call, of which "
+                   f"{lua_us / max(calls, 1):.1f} in the script, {len(nodes)} server(s) "
+                   f"{cpu_s / wall:.2f} cores")
     return total, per
+
+
+def redis_cpu(engine: Engine, shard: int) -> tuple[float, int, int]:
+    """(CPU seconds of the redis-server serving ``shard``, microseconds inside EVALSHA,
+    EVALSHA calls), from INFO."""
+    with engine.redis(shard) as r:
+        cpu = r.info("cpu")
+        ev = r.info("commandstats").get("cmdstat_evalsha", {})
+    return (float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), int(ev.get("usec", 0)),
+            int(ev.get("calls", 0)))
 
 
 def grab_evalsha(sha: str, k: Keys, tag: str) -> list[str]:
@@ -569,11 +611,17 @@ def run(args: argparse.Namespace) -> int:
               conns: int | None = None) -> Result:
         runs: list[Result] = []
         for _ in range(reps):
+            cpu0 = tree_cpu(engine.proc.pid) if engine is not None else 0.0
             runs.append(run_wrk(name, url, scripts[script], wrk_args, conns or c, threads, d))
+            if engine is not None and runs[-1].requests:
+                # The engine's own CPU (workers + archiver) per answer, for docs/capacity.md.
+                us = (tree_cpu(engine.proc.pid) - cpu0) / runs[-1].requests * 1e6
+                runs[-1].note = f"engine CPU {us:.0f} us/req"
             # The next run starts after the members (or codes) the previous one used, so
             # a repeat measures the same path rather than round_quota_exceeded.
             wrk_args = [*wrk_args[:-1], str(runs[-1].next_index)]
         res = median_result(runs)
+        res.note = runs[len(runs) // 2].note
         print(f"  {name}: {res.rps:,.0f} req/s p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms "
               f"statuses {res.statuses} errors {res.errors}", flush=True)
         results.append(res)
@@ -631,7 +679,7 @@ def run(args: argparse.Namespace) -> int:
                   [str(tokens), str(threads), "/v1/rounds/R1/grab", ",".join(BIG_VENUES), "0"])
         issued = engine.issued() - before
         granted = g.statuses.get("201", 0)
-        g.note = f"issued {issued}, 201s {granted}"
+        g.note = f"issued {issued}, 201s {granted}; {g.note}"
         # wrk drops the requests in flight when its time is up: the engine may have
         # granted up to one per connection more than wrk saw answered.
         if not 0 <= issued - granted <= c * reps:
@@ -643,7 +691,7 @@ def run(args: argparse.Namespace) -> int:
                    [str(tokens), str(threads), "/v1/rounds/R1/grab", ",".join(BIG_VENUES),
                     str(g.next_index)], conns=args.latency_connections)
         issued = engine.issued() - before
-        g2.note = f"issued {issued}, 201s {g2.statuses.get('201', 0)}"
+        g2.note = f"issued {issued}, 201s {g2.statuses.get('201', 0)}; {g2.note}"
         if not 0 <= issued - g2.statuses.get("201", 0) <= args.latency_connections * reps:
             problems.append(f"grab 2b: {g2.statuses.get('201', 0)} answered 201 but {issued} "
                             "issued")
@@ -677,7 +725,7 @@ def run(args: argparse.Namespace) -> int:
         r = phase("4 redeem", f"{engine.base}/v1/venue/redemptions", "redeem",
                   [str(codes_file), str(threads), "0"])
         redeemed = engine.redeemed() - before
-        r.note = f"{n_codes} codes, {redeemed} redeemed"
+        r.note = f"{n_codes} codes, {redeemed} redeemed; {r.note}"
         if not 0 <= redeemed - r.statuses.get("200", 0) <= c * reps:
             problems.append(f"redeem: {r.statuses.get('200', 0)} answered 200, {redeemed} "
                             "counted")
