@@ -2,6 +2,7 @@
 
     .venv/bin/python loadtest/bench.py [--connections 64] [--workers 2] [--duration 10]
                                        [--repeat 1] [--json loadtest/reports/bench.json]
+                                       [--redis-cluster] [--stock-shards S]
 
 Phases, all with the same wrk connections and server worker count:
   1a ceiling    a bare aiohttp+uvloop app (reuse_port, N processes), fixed JSON body, one
@@ -14,15 +15,30 @@ Phases, all with the same wrk connections and server worker count:
   2b grab       the same at --latency-connections (256) connections, for the p99 target
   3 sold_out    POST grab on a sold-out stock line; not_open: a round that opens tomorrow
   4 redeem      POST /v1/venue/redemptions of codes granted in phase 2, each once
-  5 redis       redis-benchmark: EVALSHA of the engine's grab.lua, and INCR, -P 1 / -P 16
-After each engine phase the admin stats are checked (issued <= stock, stock arithmetic);
-the exit status is 1 if any check fails. Every process started here is stopped by pid.
+  5 redis       redis-benchmark: EVALSHA of the engine's grab.lua on stock shard 0, and INCR,
+                -P 1 / -P 16
+  5s shards     grab.lua on ALL S stock shards at once: one redis-benchmark per shard, each
+                against the primary serving that shard's slot with that shard's keys, started
+                together; the sum (total calls / wall time of the slowest) and each shard's
+                rate, -P 1 / -P 16, and the Redis CPU per call (INFO cpu, commandstats).
+                With S = 1 it is phase 5's EVALSHA again.
+Phase 5 gives every redis-benchmark run its own member and code prefix: redis-benchmark
+seeds its __rand_int__ stream with time(NULL) ^ getpid(), so two runs can draw the very
+same numbers and the second then only measures refusals (round_quota_exceeded).
+After each engine phase the admin stats are checked (issued <= stock, stock arithmetic)
+and so is every stock shard in Redis (per shard: initial - issued + returned_open -
+xfer_out + xfer_in = remaining; over the shards: issued <= initial, units in flight between
+shards <= those journaled); the exit status is 1 if any check fails. Every process started
+here is stopped by pid.
 
 --redis-cluster: the engine runs on a local 3-primary Redis Cluster (tests/clusterkit.py,
 loopback TCP, appendfsync always) instead of its embedded Redis; phase 5 talks to the
-primary that serves the campaign's slot (every key of the campaign is there).
+primary that serves the campaign's slot (over TCP, as the engine does).
 --redis-tcp: for comparison with it, one external redis-server (same settings) reached
 over loopback TCP, as the cluster's primaries are.
+--stock-shards S: the campaign is loaded with S stock shards (COUPON_STOCK_SHARDS=S for
+`coupon-engine serve`); on --redis-cluster the campaign id is chosen so that its shards
+are served by min(S, 3) different primaries (or give one with --campaign-id).
 """
 
 from __future__ import annotations
@@ -51,6 +67,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support import campaign_toml, free_port, mint_member_token  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from engine.keys import Keys  # noqa: E402
+
 CID = "bench"
 BIG_VENUES = [f"V{i:02d}" for i in range(1, 11)]
 SOLD_OUT_VENUE = "VSO"
@@ -236,12 +255,26 @@ def median_result(runs: list[Result]) -> Result:
                   errors=sum(r.errors for r in runs), runs=len(runs))
 
 
+def spread_campaign_id(cluster: Any, shards: int, base: str = CID) -> str:
+    """A campaign id whose stock shards are served by min(shards, primaries) different
+    primaries (as tests/test_cluster.py's spread_campaign_id)."""
+    want = min(shards, len(cluster.nodes))
+    for i in range(1000):
+        cid = base if i == 0 else f"{base}-sh{i}"
+        if len({cluster.owner_of(Keys(cid, s).campaign).port for s in range(shards)}) == want:
+            return cid
+    raise RuntimeError(f"no campaign id spreads {shards} shards over {want} primaries")
+
+
 class Engine:
     """`coupon-engine serve` on an embedded Redis (appendfsync always) in a temp folder."""
 
     def __init__(self, tmp: Path, workers: int, campaign: str | None = None,
-                 env: dict[str, str] | None = None, external: Any = None) -> None:
+                 env: dict[str, str] | None = None, external: Any = None,
+                 cid: str = CID, shards: int = 1) -> None:
         self.tmp = tmp
+        self.cid = cid
+        self.shards = shards
         # A LocalCluster (--redis-cluster) or an EmbeddedRedis on a port (--redis-tcp).
         self.external = external
         self.port = free_port()
@@ -251,13 +284,14 @@ class Engine:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
         self.env.update(COUPON_DATA_DIR=str(tmp / "var"),
                         COUPON_MEMBER_JWT_SECRET=self.member_secret,
-                        COUPON_ADMIN_TOKEN=self.admin, COUPON_LOG_LEVEL="WARNING")
+                        COUPON_ADMIN_TOKEN=self.admin, COUPON_LOG_LEVEL="WARNING",
+                        COUPON_STOCK_SHARDS=str(shards))
         if external is not None:
             self.env["COUPON_REDIS_URL"] = external.url
         self.env.update(env or {})
         now = datetime.now(timezone.utc)
         campaign = campaign or campaign_toml(
-            cid=CID, venues=[*BIG_VENUES, SOLD_OUT_VENUE], campaign_quota=3, budget_fen=10**12,
+            cid=cid, venues=[*BIG_VENUES, SOLD_OUT_VENUE], campaign_quota=3, budget_fen=10**12,
             rounds=[
                 # Open now with stock that 10 s of grabbing (nor redis-benchmark) can't exhaust.
                 {"id": "R1", "opens": now - timedelta(minutes=1),
@@ -280,14 +314,79 @@ class Engine:
             self.stop()
             raise
 
-    @property
-    def redis_socket(self) -> Path:
+    def keys(self, shard: int = 0) -> Keys:
+        return Keys(self.cid, shard)
+
+    def redis_node(self, shard: int = 0) -> dict[str, Any]:
+        """Where stock shard ``shard``'s keys live: {"host", "port"} for a TCP Redis
+        (a cluster primary, --redis-tcp), {"unix_socket_path"} for the embedded one."""
         if hasattr(self.external, "owner_of"):
-            # Every key of the campaign lives on the primary serving its slot.
-            return self.external.owner_of(f"cpn:{{{CID}}}:campaign").socket_path
+            # Every key of a shard lives on the primary serving its slot.
+            node = self.external.owner_of(self.keys(shard).campaign)
+            return {"host": "127.0.0.1", "port": node.port}
         if self.external is not None:  # --redis-tcp
-            return self.external.socket_path
-        return self.tmp / "var" / "redis" / "redis.sock"
+            return {"host": "127.0.0.1", "port": self.external.port}
+        return {"unix_socket_path": str(self.tmp / "var" / "redis" / "redis.sock")}
+
+    def redis(self, shard: int = 0) -> Any:
+        import redis
+        return redis.Redis(decode_responses=True, socket_timeout=30, **self.redis_node(shard))
+
+    def shard_state(self) -> list[dict[str, Any]]:
+        """Each shard's stock and stats hashes and journaled transfer units, from Redis."""
+        out = []
+        for s in range(self.shards):
+            k = self.keys(s)
+            with self.redis(s) as r:
+                stock = {f: int(v) for f, v in r.hgetall(k.stock).items()}
+                stats = {f: int(v) for f, v in r.hgetall(k.stats).items()}
+                journal = r.hgetall(k.xfer_out)
+            out.append({"stock": stock, "stats": stats,
+                        "journaled": sum(int(v.split("|")[2]) for v in journal.values())})
+        return out
+
+    def check_shards(self, round_id: str = "R1") -> list[str]:
+        """Per shard (exact: each script is atomic in its shard): initial - issued +
+        returned_open - xfer_out + xfer_in == remaining >= 0. Over all shards: issued <=
+        initial, and the units out of one shard and not yet in another are at most the
+        units still journaled in the donors."""
+        problems = []
+        state = self.shard_state()
+        lines = sorted({ln for sh in state for ln in sh["stock"] if ln.startswith(round_id + ":")})
+        for line in lines:
+            tot: dict[str, int] = {}
+            for s, sh in enumerate(state):
+                st, stats = sh["stock"], sh["stats"]
+                if line not in st:
+                    problems.append(f"shard {s}: no stock line {line}")
+                    continue
+                g = {c: stats.get(f"{c}:{line}", 0) for c in (
+                    "initial", "issued", "returned_open", "xfer_out", "xfer_in", "void",
+                    "redeemed")}
+                for c, v in g.items():
+                    tot[c] = tot.get(c, 0) + v
+                want = (g["initial"] - g["issued"] + g["returned_open"] - g["xfer_out"]
+                        + g["xfer_in"])
+                if st[line] != want or st[line] < 0:
+                    problems.append(f"shard {s} {line}: remaining {st[line]}, counters say "
+                                    f"{want} ({g})")
+            if not tot:
+                continue
+            in_flight = tot["xfer_out"] - tot["xfer_in"]
+            journaled = sum(sh["journaled"] for sh in state)
+            if not 0 <= in_flight <= journaled:
+                problems.append(f"{line}: {in_flight} units between shards, {journaled} "
+                                "journaled")
+            if tot["issued"] > tot["initial"] or tot["redeemed"] > tot["issued"] - tot["void"]:
+                problems.append(f"{line} over all shards: {tot}")
+        return problems
+
+    def issued_by_shard(self, line: str = "R1:V01") -> list[int]:
+        out = []
+        for s in range(self.shards):
+            with self.redis(s) as r:
+                out.append(int(r.hget(self.keys(s).stats, f"issued:{line}") or 0))
+        return out
 
     def cli(self, *args: str) -> str:
         return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO,
@@ -302,6 +401,19 @@ class Engine:
         return body
 
     def check(self, round_id: str = "R1") -> list[str]:
+        """The admin stats (the engine sums its stock shards) and every shard in Redis.
+        Units moving between two shards are in neither for one round trip (or until the
+        sweeper finishes a transfer a crashed worker left, 2 s grace): an arithmetic
+        mismatch of the sums is read again for up to 5 s before it counts."""
+        problems: list[str] = []
+        for _ in range(11):
+            problems = self._check_stats(round_id)
+            if not problems or self.shards == 1:
+                break
+            time.sleep(0.5)
+        return problems + self.check_shards(round_id)
+
+    def _check_stats(self, round_id: str) -> list[str]:
         problems = []
         for v in self.stats(round_id)["venues"]:
             vid, stock, issued = v["venue_id"], v["stock"], v["issued"]
@@ -331,6 +443,25 @@ class Engine:
         self.log.close()
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its descendants, redis-server excluded:
+    the engine's workers and its archiver."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            comm = Path(f"/proc/{p}/comm").read_text().strip()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        if comm != "redis-server":
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def write_tokens(path: Path, secret: str, n: int) -> None:
     tag = secrets.token_hex(3)
     with path.open("w") as f:
@@ -339,18 +470,18 @@ def write_tokens(path: Path, secret: str, n: int) -> None:
 
 
 def granted_codes(engine: Engine, venue_keys: dict[str, str], out: Path) -> int:
-    """Write "venue_key code" for every issued coupon of R1, read straight from Redis."""
-    import redis
-
-    r = redis.Redis(unix_socket_path=str(engine.redis_socket), decode_responses=True)
-    try:
-        keys = list(r.scan_iter(match=f"cpn:{{{CID}}}:coupon:*", count=10_000))
-        pipe = r.pipeline(transaction=False)
-        for k in keys:
-            pipe.hmget(k, "venue", "status")
-        rows = pipe.execute()
-    finally:
-        r.close()
+    """Write "venue_key code" for every issued coupon of R1, read straight from Redis
+    (every stock shard: a coupon's record is in its code's shard)."""
+    keys: list[str] = []
+    rows: list[Any] = []
+    for s in range(engine.shards):
+        with engine.redis(s) as r:
+            found = list(r.scan_iter(match=engine.keys(s).coupon("*"), count=10_000))
+            pipe = r.pipeline(transaction=False)
+            for k in found:
+                pipe.hmget(k, "venue", "status")
+            keys += found
+            rows += pipe.execute()
     n = 0
     with out.open("w") as f:
         for k, (venue, status) in zip(keys, rows):
@@ -360,18 +491,96 @@ def granted_codes(engine: Engine, venue_keys: dict[str, str], out: Path) -> int:
     return n
 
 
-def redis_bench(sock: Path, name: str, cmd: list[str], pipeline: int, connections: int,
-                n: int) -> Result:
-    out = subprocess.run(["redis-benchmark", "-s", str(sock), "-c", str(connections), "-n",
-                          str(n), "-r", "1000000", "-P", str(pipeline), "--csv", *cmd],
+def redis_bench_cmd(node: dict[str, Any], cmd: list[str], pipeline: int, connections: int,
+                    n: int) -> list[str]:
+    where = (["-s", node["unix_socket_path"]] if "unix_socket_path" in node
+             else ["-h", node["host"], "-p", str(node["port"])])
+    return ["redis-benchmark", *where, "-c", str(connections), "-n", str(n),
+            "-r", "1000000", "-P", str(pipeline), "--csv", *cmd]
+
+
+def redis_bench(node: dict[str, Any], name: str, cmd: list[str], pipeline: int,
+                connections: int, n: int) -> Result:
+    out = subprocess.run(redis_bench_cmd(node, cmd, pipeline, connections, n),
                          capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
-    if out.returncode != 0 or len(lines) < 2:
-        raise RuntimeError(f"redis-benchmark failed: {out.stdout}\n{out.stderr}")
+    return parse_redis_bench(name, out.returncode, out.stdout, out.stderr, n)
+
+
+def parse_redis_bench(name: str, returncode: int, stdout: str, stderr: str, n: int) -> Result:
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    if returncode != 0 or len(lines) < 2:
+        raise RuntimeError(f"redis-benchmark failed: {stdout}\n{stderr}")
     header = [h.strip('"') for h in lines[0].split(",")]
     row = dict(zip(header, [v.strip('"') for v in lines[-1].split(",")]))
     return Result(phase=name, rps=float(row["rps"]), requests=n, p50_ms=float(row["p50_latency_ms"]),
                   p99_ms=float(row["p99_latency_ms"]), note=f"n={n}")
+
+
+def redis_bench_shards(engine: Engine, name: str, cmds: list[list[str]], pipeline: int,
+                       connections: int, n: int) -> tuple[Result, list[Result]]:
+    """One redis-benchmark per stock shard (cmds[s] against shard s's primary), all
+    started together. The sum is the calls of all of them over the wall time from the
+    first start to the last exit (so a shard that finishes early does not inflate it)."""
+    # The Redis servers involved (S shards may share one), for their CPU per call.
+    nodes: dict[str, int] = {}
+    for s in range(len(cmds)):
+        nodes.setdefault(json.dumps(engine.redis_node(s), sort_keys=True), s)
+    cpu0 = {key: redis_cpu(engine, s) for key, s in nodes.items()}
+    procs = []
+    t0 = time.monotonic()
+    for s, cmd in enumerate(cmds):
+        procs.append(subprocess.Popen(
+            redis_bench_cmd(engine.redis_node(s), cmd, pipeline, connections, n),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    per: list[Result] = []
+    try:
+        for s, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=300)
+            per.append(parse_redis_bench(f"{name} shard {s}", proc.returncode, out, err, n))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    wall = time.monotonic() - t0
+    cpu1 = {key: redis_cpu(engine, s) for key, s in nodes.items()}
+    cpu_s = sum(cpu1[key][0] - cpu0[key][0] for key in nodes)
+    lua_us = sum(cpu1[key][1] - cpu0[key][1] for key in nodes)
+    calls = sum(cpu1[key][2] - cpu0[key][2] for key in nodes)
+    total = Result(phase=name, rps=n * len(cmds) / wall, requests=n * len(cmds),
+                   p50_ms=statistics.median(r.p50_ms for r in per),
+                   p99_ms=max(r.p99_ms for r in per),
+                   note=f"{len(cmds)} x n={n} in {wall:.2f} s; per shard " + " / ".join(
+                       f"{r.rps:,.0f}" for r in per) + f" (sum {sum(r.rps for r in per):,.0f})"
+                   + f"; Redis CPU {cpu_s / max(calls, 1) * 1e6:.1f} us/call, of which "
+                   f"{lua_us / max(calls, 1):.1f} in the script, {len(nodes)} server(s) "
+                   f"{cpu_s / wall:.2f} cores")
+    return total, per
+
+
+def redis_cpu(engine: Engine, shard: int) -> tuple[float, int, int]:
+    """(CPU seconds of the redis-server serving ``shard``, microseconds inside EVALSHA,
+    EVALSHA calls), from INFO."""
+    with engine.redis(shard) as r:
+        cpu = r.info("cpu")
+        ev = r.info("commandstats").get("cmdstat_evalsha", {})
+    return (float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), int(ev.get("usec", 0)),
+            int(ev.get("calls", 0)))
+
+
+def grab_evalsha(sha: str, k: Keys, tag: str) -> list[str]:
+    """redis-benchmark's command for one grab.lua call in the shard of ``k``, with the
+    engine's real keys and ARGV (lua/grab.lua's header). ``tag`` (5 characters of
+    [0-9A-Z]) is this run's own: redis-benchmark draws each __rand_int__ on its own (the
+    member and code in the keys are not the ones in ARGV; only the keys decide) from
+    random() seeded with time(NULL) ^ getpid(), which two runs seconds apart can share;
+    without a per-run prefix the second run then repeats the first one's members and
+    codes and is refused as round_quota_exceeded / code collision, issuing nothing."""
+    assert len(tag) == 5
+    m = f"rb{tag}-__rand_int__"
+    return ["evalsha", sha, "9", k.campaign, k.round("R1"), k.stock, k.stats, k.member(m),
+            k.member_coupons(m), k.coupon(f"{tag}__rand_int__"), k.idempotency(m, "none"),
+            k.events, "R1", "V01", m, f"{tag}__rand_int__", "0", "86400"]
 
 
 def grab_lua_sha() -> tuple[str, str]:
@@ -402,11 +611,17 @@ def run(args: argparse.Namespace) -> int:
               conns: int | None = None) -> Result:
         runs: list[Result] = []
         for _ in range(reps):
+            cpu0 = tree_cpu(engine.proc.pid) if engine is not None else 0.0
             runs.append(run_wrk(name, url, scripts[script], wrk_args, conns or c, threads, d))
+            if engine is not None and runs[-1].requests:
+                # The engine's own CPU (workers + archiver) per answer, for docs/capacity.md.
+                us = (tree_cpu(engine.proc.pid) - cpu0) / runs[-1].requests * 1e6
+                runs[-1].note = f"engine CPU {us:.0f} us/req"
             # The next run starts after the members (or codes) the previous one used, so
             # a repeat measures the same path rather than round_quota_exceeded.
             wrk_args = [*wrk_args[:-1], str(runs[-1].next_index)]
         res = median_result(runs)
+        res.note = runs[len(runs) // 2].note
         print(f"  {name}: {res.rps:,.0f} req/s p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms "
               f"statuses {res.statuses} errors {res.errors}", flush=True)
         results.append(res)
@@ -416,8 +631,8 @@ def run(args: argparse.Namespace) -> int:
     external: Any = None
     try:
         print(f"bench: {c} connections, {w} server workers, {threads} wrk threads, {d} s "
-              f"per phase, x{reps}" + (", Redis Cluster" if args.redis_cluster else ""),
-              flush=True)
+              f"per phase, x{reps}" + (", Redis Cluster" if args.redis_cluster else "")
+              + f", {args.stock_shards} stock shard(s)", flush=True)
         if args.redis_cluster:
             sys.path.insert(0, str(REPO / "tests"))
             from clusterkit import LocalCluster
@@ -444,7 +659,14 @@ def run(args: argparse.Namespace) -> int:
                     os.kill(p.pid, signal.SIGTERM)
                 p.join(10)
 
-        engine = Engine(tmp, w, external=external)
+        cid = args.campaign_id or CID
+        if args.redis_cluster and args.campaign_id is None:
+            cid = spread_campaign_id(external, args.stock_shards)
+        if args.redis_cluster:
+            owners = [external.owner_of(Keys(cid, s).campaign).port
+                      for s in range(args.stock_shards)]
+            print(f"  campaign {cid!r}: stock shard -> primary port {owners}", flush=True)
+        engine = Engine(tmp, w, external=external, cid=cid, shards=args.stock_shards)
         tokens = tmp / "tokens.txt"
         t0 = time.monotonic()
         write_tokens(tokens, engine.member_secret, args.tokens)
@@ -457,7 +679,7 @@ def run(args: argparse.Namespace) -> int:
                   [str(tokens), str(threads), "/v1/rounds/R1/grab", ",".join(BIG_VENUES), "0"])
         issued = engine.issued() - before
         granted = g.statuses.get("201", 0)
-        g.note = f"issued {issued}, 201s {granted}"
+        g.note = f"issued {issued}, 201s {granted}; {g.note}"
         # wrk drops the requests in flight when its time is up: the engine may have
         # granted up to one per connection more than wrk saw answered.
         if not 0 <= issued - granted <= c * reps:
@@ -469,7 +691,7 @@ def run(args: argparse.Namespace) -> int:
                    [str(tokens), str(threads), "/v1/rounds/R1/grab", ",".join(BIG_VENUES),
                     str(g.next_index)], conns=args.latency_connections)
         issued = engine.issued() - before
-        g2.note = f"issued {issued}, 201s {g2.statuses.get('201', 0)}"
+        g2.note = f"issued {issued}, 201s {g2.statuses.get('201', 0)}; {g2.note}"
         if not 0 <= issued - g2.statuses.get("201", 0) <= args.latency_connections * reps:
             problems.append(f"grab 2b: {g2.statuses.get('201', 0)} answered 201 but {issued} "
                             "issued")
@@ -503,7 +725,7 @@ def run(args: argparse.Namespace) -> int:
         r = phase("4 redeem", f"{engine.base}/v1/venue/redemptions", "redeem",
                   [str(codes_file), str(threads), "0"])
         redeemed = engine.redeemed() - before
-        r.note = f"{n_codes} codes, {redeemed} redeemed"
+        r.note = f"{n_codes} codes, {redeemed} redeemed; {r.note}"
         if not 0 <= redeemed - r.statuses.get("200", 0) <= c * reps:
             problems.append(f"redeem: {r.statuses.get('200', 0)} answered 200, {redeemed} "
                             "counted")
@@ -512,16 +734,14 @@ def run(args: argparse.Namespace) -> int:
         problems += engine.check()
 
         sha, _ = grab_lua_sha()
-        k = f"cpn:{{{CID}}}"
-        evalsha = ["evalsha", sha, "9", f"{k}:campaign", f"{k}:round:R1", f"{k}:stock",
-                   f"{k}:stats", f"{k}:member:__rand_int__", f"{k}:mcoupons:__rand_int__",
-                   f"{k}:coupon:00000__rand_int__", f"{k}:idem:none", f"{k}:events",
-                   "R1", "V01", "rb__rand_int__", "00000__rand_int__", "0", "86400"]
+        runs = iter(range(1, 10_000))
+        k0 = engine.keys(0)
         for pl in (1, 16):
+            evalsha = grab_evalsha(sha, k0, f"9{next(runs):04d}")
             # The counter shares the campaign's hash tag: the same slot on a cluster.
-            for name, cmd in (("grab.lua EVALSHA", evalsha), ("INCR", ["incr", f"{k}:ctr"])):
+            for name, cmd in (("grab.lua EVALSHA", evalsha), ("INCR", ["incr", f"{k0.tag}:ctr"])):
                 before = engine.issued()
-                res = redis_bench(engine.redis_socket, f"5 redis {name} -P {pl}", cmd, pl, c,
+                res = redis_bench(engine.redis_node(0), f"5 redis {name} -P {pl}", cmd, pl, c,
                                   args.redis_requests)
                 if cmd is evalsha:
                     # Shows the script really grants (random members rarely repeat).
@@ -529,6 +749,22 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {res.phase}: {res.rps:,.0f} req/s p50 {res.p50_ms:.2f} ms "
                       f"p99 {res.p99_ms:.2f} ms", flush=True)
                 results.append(res)
+        problems += engine.check()
+
+        # Every stock shard at once, each on its own primary.
+        S = engine.shards
+        for pl in (1, 16):
+            before_s = engine.issued_by_shard()
+            tag = next(runs)
+            cmds = [grab_evalsha(sha, engine.keys(s), f"9{tag:04d}") for s in range(S)]
+            res, per = redis_bench_shards(engine, f"5s redis grab.lua x{S} shards -P {pl}",
+                                          cmds, pl, c, args.redis_requests)
+            got = [a - b for a, b in zip(engine.issued_by_shard(), before_s)]
+            res.note += f"; issued +{sum(got)} (" + " / ".join(map(str, got)) + ")"
+            print(f"  {res.phase}: {res.rps:,.0f} calls/s ({res.note})", flush=True)
+            results.append(res)
+            if min(got) <= 0:
+                problems.append(f"{res.phase}: a shard issued nothing: {got}")
         problems += engine.check()
     finally:
         if engine is not None:
@@ -554,9 +790,9 @@ def print_table(results: list[Result]) -> None:
     # Ratios against 1b: the same wrk script, so the same load-generator cost.
     ceiling = next((r.rps for r in results if r.phase.startswith("1b")), 0.0)
     print()
-    print(f"| {'phase':<31} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | "
+    print(f"| {'phase':<36} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | "
           f"{'vs 1b':>6} | statuses / note")
-    print(f"|{'-' * 33}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 8}|------")
+    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 8}|------")
     for r in results:
         ratio = f"{r.rps / ceiling:.2f}" if ceiling and not r.phase.startswith("5") else ""
         extra = " ".join(f"{k}:{v}" for k, v in sorted(r.statuses.items()))
@@ -564,7 +800,7 @@ def print_table(results: list[Result]) -> None:
             extra += f" socket-errors:{r.errors}"
         if r.note:
             extra += f" ({r.note})"
-        print(f"| {r.phase:<31} | {r.rps:>9,.0f} | {r.p50_ms:>7.2f} | {r.p99_ms:>7.2f} | "
+        print(f"| {r.phase:<36} | {r.rps:>9,.0f} | {r.p50_ms:>7.2f} | {r.p99_ms:>7.2f} | "
               f"{ratio:>6} | {extra}")
 
 
@@ -585,6 +821,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the engine on a local 3-primary Redis Cluster")
     p.add_argument("--redis-tcp", action="store_true",
                    help="run the engine on one redis-server over loopback TCP (to compare)")
+    p.add_argument("--stock-shards", type=int, default=1, metavar="S",
+                   help="load the campaign with S stock shards (COUPON_STOCK_SHARDS); phase "
+                        "5s runs grab.lua on all S at once")
+    p.add_argument("--campaign-id", default=None,
+                   help=f"the campaign id (default {CID!r}; on --redis-cluster the first of "
+                        f"{CID!r}, {CID}-sh1, ... whose shards are on min(S, 3) primaries)")
     return run(p.parse_args(argv))
 
 

@@ -2,12 +2,16 @@
 
     .venv/bin/python loadtest/capacity.py [--members 100000] [--stock 34000] [--venues 50]
                                           [--connections 64] [--workers 2] [--duration 20]
+                                          [--stock-shards 1]
 
 One engine (embedded Redis, appendfsync always), one open round; wrk sends POST grab,
 each request from the next of `--members` distinct members (round-robin over the
 venues); the engine's /metrics is polled every 0.2 s so the time at which the last
 coupon went and the time at which every member had an answer are measured rather
 than computed. docs/capacity.md extrapolates from these numbers to 1,000,000 members.
+--stock-shards S loads the campaign with S stock shards (all on the one embedded Redis);
+the run then also reports the stock transfers between shards (every credited transfer
+stays in its receiving shard's xfer_in journal).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--duration", type=int, default=20)
     p.add_argument("--json", type=Path)
+    p.add_argument("--stock-shards", type=int, default=1)
     a = p.parse_args(argv)
 
     venues = [f"V{i:02d}" for i in range(1, a.venues + 1)]
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         {"id": "R1", "opens": now - timedelta(minutes=1), "closes": now + timedelta(hours=1),
          "quota": 1, "stock": {v: per + (1 if i < extra else 0) for i, v in enumerate(venues)}}])
     tmp = Path(tempfile.mkdtemp(prefix="coupon-capacity-"))
-    engine = Engine(tmp, a.workers, text)
+    engine = Engine(tmp, a.workers, text, cid="capacity", shards=a.stock_shards)
+    transfers = None
     samples: list[tuple[float, dict[str, float]]] = []
     try:
         tokens = tmp / "tokens.txt"
@@ -95,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         wrk = json.loads(m.group(1)) if m else {"raw": out.stdout + out.stderr}
         stats = engine.stats()
         problems = engine.check()
+        transfers = 0
+        for s in range(a.stock_shards):
+            with engine.redis(s) as r:
+                transfers += int(r.hlen(engine.keys(s).xfer_in))
     finally:
         engine.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         "all_members_answered_after_s": round(answered[0], 2) if answered else None,
         "grant_rate_per_s": round(grant_rate) if grant_rate else None,
         "answer_rate_after_sell_out_per_s": round(rate_after) if rate_after else None,
-        "issued": issued, "problems": problems,
+        "issued": issued, "problems": problems, "stock_shards": a.stock_shards,
+        "transfers": transfers,
         "wrk": wrk, "outcomes_at_end": samples[-1][1] if samples else {},
     }
     print(json.dumps(result, indent=1))
