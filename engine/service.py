@@ -119,7 +119,9 @@ class Engine:
         if now < r.opens_at_ms - CLOCK_MARGIN_MS:
             self.metrics.grab(round_id, "round_not_open")
             return errors.RoundNotOpen(opens_at=rfc3339(r.opens_at_ms, c.timezone))
-        if now > r.closes_at_ms + CLOCK_MARGIN_MS:
+        if now > r.closes_at_ms + CLOCK_MARGIN_MS and (
+                idem_key is None or not await self.store.has_idempotency(member_id, idem_key)):
+            # A keyed retry of a request granted before the close still gets its coupon.
             self.metrics.grab(round_id, "round_closed")
             return errors.RoundClosed()
         line = f"{round_id}:{venue_id}"

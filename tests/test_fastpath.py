@@ -104,3 +104,21 @@ async def test_background_loops_end_on_stop_even_without_a_cancellation(
     assert not poller.done()
     engine.stop()
     await asyncio.wait_for(poller, timeout=2.0)
+
+
+async def test_a_keyed_retry_after_the_close_still_gets_its_coupon(make_engine, redis_url) -> None:
+    """The worker answers round_closed without Redis, but not to a keyed retry whose
+    first attempt was granted: that retry replays the coupon."""
+    closes = redis_now(redis_url) + timedelta(seconds=1.5)
+    e = await make_engine(campaign_toml(rounds=[open_round(redis_url, closes=closes)]))
+    headers = {**e.member("late"), "Idempotency-Key": "tap-1"}
+    first = await e.client.post("/v1/rounds/R1/grab", headers=headers, json={"venue_id": "V01"})
+    assert first.status == 201
+    code = (await first.json())["coupon"]["code"]
+    while redis_now(redis_url) < closes + timedelta(seconds=1.2):
+        await asyncio.sleep(0.1)
+    again = await e.client.post("/v1/rounds/R1/grab", headers=headers, json={"venue_id": "V01"})
+    assert again.status == 201 and (await again.json())["coupon"]["code"] == code
+    other = await e.client.post("/v1/rounds/R1/grab", headers=e.member("late2"),
+                                json={"venue_id": "V01"})
+    assert (other.status, (await other.json())["error"]["code"]) == (410, "round_closed")
