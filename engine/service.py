@@ -119,15 +119,12 @@ class Engine:
         if now < r.opens_at_ms - CLOCK_MARGIN_MS:
             self.metrics.grab(round_id, "round_not_open")
             return errors.RoundNotOpen(opens_at=rfc3339(r.opens_at_ms, c.timezone))
-        if now > r.closes_at_ms + CLOCK_MARGIN_MS and (
-                idem_key is None or not await self.store.has_idempotency(member_id, idem_key)):
-            # A keyed retry of a request granted before the close still gets its coupon.
+        if now > r.closes_at_ms + CLOCK_MARGIN_MS and not await self._may_replay(
+                member_id, idem_key):
             self.metrics.grab(round_id, "round_closed")
             return errors.RoundClosed()
         line = f"{round_id}:{venue_id}"
-        if line in self.state.sold_out and (
-                idem_key is None or not await self.store.has_idempotency(member_id, idem_key)):
-            # A keyed retry of a request that was granted must still find its coupon.
+        if line in self.state.sold_out and not await self._may_replay(member_id, idem_key):
             self.metrics.grab(round_id, "sold_out")
             return errors.SoldOut()
         with self.metrics.script("grab"):
@@ -137,6 +134,11 @@ class Engine:
         self.state.observe_clock(res.now_ms)
         self.metrics.grab(round_id, res.outcome.name.lower())
         return self._grab_reply(res, member_id, round_id, venue_id, line)
+
+    async def _may_replay(self, member_id: str, idem_key: str | None) -> bool:
+        """Whether a request the worker could refuse without Redis (closed, sold out)
+        must still go to grab.lua: a keyed retry of a granted request gets its coupon."""
+        return idem_key is not None and await self.store.has_idempotency(member_id, idem_key)
 
     async def _grab_after_refill(self, res: GrabResult, member_id: str, round_id: str,
                                  venue_id: str, idem_key: str | None) -> GrabResult:

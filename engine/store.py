@@ -609,13 +609,17 @@ class Store:
         recs = await guarded(pipe.execute())
         return [(c, r) for (_, c, _), r in zip(scored, recs) if r]
 
-    async def stock_by_shard(self) -> list[dict[str, int]]:
+    async def _counts_by_shard(self, name: str) -> list[dict[str, int]]:
+        """The integer hash ``name`` ('stock' or 'stats') of every shard."""
         out = []
         for k in self.shard_keys:
-            raw = await guarded(self.redis.hgetall(k.stock))
+            raw = await guarded(self.redis.hgetall(getattr(k, name)))
             out.append({f: int(v) for f, v in raw.items()})
-        self.by_shard = out
         return out
+
+    async def stock_by_shard(self) -> list[dict[str, int]]:
+        self.by_shard = await self._counts_by_shard("stock")
+        return self.by_shard
 
     async def stock(self) -> dict[str, int]:
         """'<round>:<venue>' -> remaining, for every stock line (summed over shards;
@@ -623,11 +627,7 @@ class Store:
         return _sum(await self.stock_by_shard())
 
     async def stats_by_shard(self) -> list[dict[str, int]]:
-        out = []
-        for k in self.shard_keys:
-            raw = await guarded(self.redis.hgetall(k.stats))
-            out.append({f: int(v) for f, v in raw.items()})
-        return out
+        return await self._counts_by_shard("stats")
 
     async def stats(self) -> dict[str, int]:
         return _sum(await self.stats_by_shard())
