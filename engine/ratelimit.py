@@ -38,12 +38,18 @@ class TokenBucket:
 
 
 class FailureWindow:
-    """Counts failures per key in a fixed window; blocks a key past ``limit``."""
+    """Counts failures per key in a fixed window; blocks a key past ``limit``.
+
+    Attempts whose outcome is not known yet (a store call in flight) hold a
+    reservation: each may still fail, so ``headroom`` leaves room for them and
+    concurrent attempts can never spend more than ``limit`` between them.
+    """
 
     def __init__(self, limit: int, window_s: float = 60.0) -> None:
         self.limit = limit
         self.window_s = window_s
         self._counts: dict[str, tuple[int, float]] = {}
+        self._reserved: dict[str, int] = {}
 
     def blocked_for(self, key: str, now: float) -> float:
         """Seconds the key must wait, 0.0 when it may try."""
@@ -54,6 +60,24 @@ class FailureWindow:
         if count >= self.limit:
             return self.window_s - (now - start)
         return 0.0
+
+    def headroom(self, key: str, now: float) -> int:
+        """Failures the key may still have, less those reserved by attempts in flight."""
+        count, start = self._counts.get(key, (0, now))
+        if now - start >= self.window_s:
+            count = 0
+        return self.limit - count - self._reserved.get(key, 0)
+
+    def reserve(self, key: str) -> None:
+        self._reserved[key] = self._reserved.get(key, 0) + 1
+
+    def release(self, key: str) -> None:
+        """The attempt is answered (its failure, if any, already counted by ``fail``)."""
+        n = self._reserved.get(key, 0) - 1
+        if n > 0:
+            self._reserved[key] = n
+        else:
+            self._reserved.pop(key, None)
 
     def fail(self, key: str, now: float) -> None:
         count, start = self._counts.get(key, (0, now))

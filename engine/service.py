@@ -8,9 +8,11 @@ or contract errors. Imports neither aiohttp nor redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from . import codes, errors
 from .auth import MemberVerifier, Secrets, bearer, check_admin
@@ -62,6 +64,7 @@ class Engine:
         self.venue_failures = FailureWindow(venue_bad_code_limit)
         self.metrics = metrics or Metrics.disabled()
         self._venue_cache: dict[str, tuple[str, float]] = {}
+        self._venue_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._refills: dict[tuple[str, int], asyncio.Future[int]] = {}
         self._stopping = False
 
@@ -250,13 +253,42 @@ class Engine:
 
     # Venues
 
+    @contextlib.asynccontextmanager
+    async def _venue_attempt(self, venue_id: str) -> AsyncIterator[None]:
+        """One code check of a venue, inside its unknown-code budget.
+
+        Every check holds one of the budget's remaining failures until it is
+        answered, so concurrent checks can never spend more than the budget (100
+        concurrent random codes, limit 10: exactly 10 x 404). Checks beyond the
+        headroom wait for one in flight to finish; a venue with a clean record has
+        up to ``limit`` checks in flight per worker, not one at a time.
+        """
+        while True:
+            now = time.monotonic()
+            wait = self.venue_failures.blocked_for(venue_id, now)
+            if wait:
+                self.metrics.redemption(venue_id, "rate_limited")
+                raise errors.RateLimited(headers={"Retry-After": retry_after(wait)})
+            if self.venue_failures.headroom(venue_id, now) > 0:
+                break
+            # Only attempts in flight can leave no headroom without a block: one
+            # of them finishing wakes us.
+            fut = asyncio.get_running_loop().create_future()
+            self._venue_waiters.setdefault(venue_id, []).append(fut)
+            await fut
+        self.venue_failures.reserve(venue_id)
+        try:
+            yield
+        finally:
+            self.venue_failures.release(venue_id)
+            for f in self._venue_waiters.pop(venue_id, ()):
+                if not f.done():
+                    f.set_result(None)
+
     def _venue_code(self, venue_id: str, text: str) -> str:
-        """Canonical code, or a 404 counted against the venue's failure budget."""
+        """Canonical code, or a 404 counted against the venue's failure budget (called
+        inside ``_venue_attempt``)."""
         now = time.monotonic()
-        wait = self.venue_failures.blocked_for(venue_id, now)
-        if wait:
-            self.metrics.redemption(venue_id, "rate_limited")
-            raise errors.RateLimited(headers={"Retry-After": retry_after(wait)})
         code = codes.normalize(text)
         if code is None:
             self.venue_failures.fail(venue_id, now)
@@ -265,10 +297,12 @@ class Engine:
         return code
 
     async def venue_lookup(self, venue_id: str, text: str) -> Coupon:
-        code = self._venue_code(venue_id, text)
-        rec = await self.store.coupon(code)
+        async with self._venue_attempt(venue_id):
+            code = self._venue_code(venue_id, text)
+            rec = await self.store.coupon(code)
+            if rec is None:
+                self.venue_failures.fail(venue_id, time.monotonic())
         if rec is None:
-            self.venue_failures.fail(venue_id, time.monotonic())
             self.metrics.redemption(venue_id, "lookup_not_found")
             raise errors.CouponNotFound()
         if rec["venue"] != venue_id:
@@ -278,9 +312,12 @@ class Engine:
         return coupon_from_record(self.campaign, code, rec)
 
     async def redeem(self, venue_id: str, text: str) -> Coupon:
-        code = self._venue_code(venue_id, text)
-        with self.metrics.script("redeem"):
-            res = await self.store.redeem(venue_id, code)
+        async with self._venue_attempt(venue_id):
+            code = self._venue_code(venue_id, text)
+            with self.metrics.script("redeem"):
+                res = await self.store.redeem(venue_id, code)
+            if res.outcome is RedeemOutcome.NOT_FOUND:
+                self.venue_failures.fail(venue_id, time.monotonic())
         self.state.observe_clock(res.now_ms)
         oc = res.outcome
         self.metrics.redemption(venue_id, oc.name.lower())
@@ -289,7 +326,6 @@ class Engine:
             self.metrics.redeemed(res.record["round"], venue_id)
             return coupon_from_record(self.campaign, code, res.record)
         if oc is RedeemOutcome.NOT_FOUND:
-            self.venue_failures.fail(venue_id, time.monotonic())
             raise errors.CouponNotFound()
         if oc is RedeemOutcome.WRONG_VENUE:
             raise errors.WrongVenue()

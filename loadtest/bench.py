@@ -48,6 +48,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -161,6 +162,9 @@ class Result:
     errors: int = 0
     runs: int = 1
     note: str = ""
+    # CPU microseconds per answer by role (wrk, server, archiver, redis) and the
+    # machine's busy cores during the run: see "CPU budget" in docs/benchmarks.md.
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 # --- phase 1: the ceiling app ------------------------------------------------------------
@@ -443,13 +447,18 @@ class Engine:
         self.log.close()
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and its descendants, redis-server excluded:
-    the engine's workers and its archiver."""
+def role_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds of ``pids`` and their descendants by role: ``redis`` (a redis-server
+    the engine started), ``archiver`` (the one process run at a raised niceness) and
+    ``server`` (every other: the HTTP workers, or the ceiling app)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
+    out = {"server": 0.0, "archiver": 0.0, "redis": 0.0}
+    todo, seen = list(pids), set()
     while todo:
         p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
         try:
             comm = Path(f"/proc/{p}/comm").read_text().strip()
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
@@ -457,9 +466,23 @@ def tree_cpu(pid: int) -> float:
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             continue
-        if comm != "redis-server":
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        role = ("redis" if comm == "redis-server" else
+                "archiver" if int(fields[16]) > 0 else "server")
+        out[role] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's waited-for children (wrk, redis-benchmark)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of every core since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + f[4]
+    return sum(f) - idle, sum(f)
 
 
 def write_tokens(path: Path, secret: str, n: int) -> None:
@@ -611,17 +634,26 @@ def run(args: argparse.Namespace) -> int:
               conns: int | None = None) -> Result:
         runs: list[Result] = []
         for _ in range(reps):
-            cpu0 = tree_cpu(engine.proc.pid) if engine is not None else 0.0
+            pids = [engine.proc.pid] if engine is not None else [p.pid for p in ceiling]
+            cpu0, wrk0, (busy0, all0) = role_cpu(pids), children_cpu(), machine_jiffies()
             runs.append(run_wrk(name, url, scripts[script], wrk_args, conns or c, threads, d))
-            if engine is not None and runs[-1].requests:
+            cpu1, wrk1, (busy1, all1) = role_cpu(pids), children_cpu(), machine_jiffies()
+            n = runs[-1].requests
+            if n:
+                cpu = {"wrk": (wrk1 - wrk0) / n * 1e6,
+                       **{k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1}}
+                cpu["busy_cores"] = (busy1 - busy0) / max(all1 - all0, 1) * (os.cpu_count() or 1)
+                runs[-1].cpu = cpu
+            if engine is not None and n:
                 # The engine's own CPU (workers + archiver) per answer, for docs/capacity.md.
-                us = (tree_cpu(engine.proc.pid) - cpu0) / runs[-1].requests * 1e6
+                us = runs[-1].cpu["server"] + runs[-1].cpu["archiver"]
                 runs[-1].note = f"engine CPU {us:.0f} us/req"
             # The next run starts after the members (or codes) the previous one used, so
             # a repeat measures the same path rather than round_quota_exceeded.
             wrk_args = [*wrk_args[:-1], str(runs[-1].next_index)]
         res = median_result(runs)
         res.note = runs[len(runs) // 2].note
+        res.cpu = runs[len(runs) // 2].cpu
         print(f"  {name}: {res.rps:,.0f} req/s p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms "
               f"statuses {res.statuses} errors {res.errors}", flush=True)
         results.append(res)
@@ -629,6 +661,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine: Engine | None = None
     external: Any = None
+    ceiling: list[mp.process.BaseProcess] = []
     try:
         print(f"bench: {c} connections, {w} server workers, {threads} wrk threads, {d} s "
               f"per phase, x{reps}" + (", Redis Cluster" if args.redis_cluster else "")
@@ -775,6 +808,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(results)
+    print_cpu_budget(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
@@ -784,6 +818,56 @@ def run(args: argparse.Namespace) -> int:
     print("correctness: issued never over stock; stock arithmetic and counts agree after "
           "every phase")
     return 0
+
+
+# Issue 7's targets, as a share of the 1b ceiling.
+TARGETS = {"2 grab": 0.6, "3a sold out": 0.9, "3b not yet open": 0.9, "4 redeem": 0.5}
+
+
+def print_cpu_budget(results: list[Result]) -> None:
+    """Where each answer's CPU went, and what issue 7's targets would allow.
+
+    wrk, the server processes and Redis share the machine's cores, so when a phase
+    keeps them busy its rate is (busy cores) / (CPU per answer). A target ratio t of
+    the 1b ceiling then allows at most (1b's CPU per answer) / t in the phase, at the
+    same busy cores. The floor is what any engine spends on that phase's answers: the
+    load generator's cost of sending the same requests (1b's, the smaller of the two),
+    the bare app's HTTP work (1b's server) and this phase's Redis work (counted when
+    Redis is the engine's own child: not on --redis-cluster / --redis-tcp). A floor
+    above the allowance means the target cannot be met on this machine by any
+    engine, whatever it does in Python."""
+    by = {r.phase: r for r in results if r.cpu}
+    base = by.get("1b ceiling, grab requests")
+    if base is None:
+        return
+    b = base.cpu
+    total_b = b["wrk"] + b["server"]
+    print()
+    print("CPU per answer, us (wrk = the load generator; server = HTTP workers or the ceiling app)")
+    print(f"| {'phase':<36} | {'wrk':>6} | {'server':>6} | {'archiver':>8} | {'redis':>6} | "
+          f"{'total':>6} | {'busy cores':>10} |")
+    print(f"|{'-' * 38}|{'-' * 8}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 12}|")
+    for r in results:
+        if not r.cpu:
+            continue
+        x = r.cpu
+        total = x["wrk"] + x["server"] + x["archiver"] + x["redis"]
+        print(f"| {r.phase:<36} | {x['wrk']:6.1f} | {x['server']:6.1f} | {x['archiver']:8.1f} | "
+              f"{x['redis']:6.1f} | {total:6.1f} | {x['busy_cores']:10.2f} |")
+    print()
+    print("Issue 7's targets against the CPU they allow (us per answer, at 1b's busy cores)")
+    print(f"| {'phase':<36} | {'target':>6} | {'allowed':>7} | {'measured':>8} | "
+          f"{'floor':>6} | {'best ratio':>10} |")
+    print(f"|{'-' * 38}|{'-' * 8}|{'-' * 9}|{'-' * 10}|{'-' * 8}|{'-' * 12}|")
+    for prefix, target in TARGETS.items():
+        r = next((x for n, x in by.items() if n.startswith(prefix)), None)
+        if r is None:
+            continue
+        x = r.cpu
+        total = x["wrk"] + x["server"] + x["archiver"] + x["redis"]
+        floor = min(x["wrk"], b["wrk"]) + b["server"] + x["redis"]
+        print(f"| {r.phase:<36} | {target:6.2f} | {total_b / target:7.1f} | {total:8.1f} | "
+              f"{floor:6.1f} | {total_b / floor:10.2f} |")
 
 
 def print_table(results: list[Result]) -> None:

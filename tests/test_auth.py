@@ -116,3 +116,24 @@ def test_oversized_and_bad_subject_tokens_are_refused() -> None:
                          algorithm="HS256")
     with pytest.raises(Unauthorized):
         v.verify(bad_sub)
+
+
+@pytest.mark.parametrize("key_len", [1, 32, 63, 64, 65, 200])
+def test_precomputed_hmac_matches_the_standard_one_for_every_key_length(key_len: int) -> None:
+    """The verifier's HMAC from precomputed pads agrees with hmac.new, including keys
+    longer than SHA-256's 64-byte block (hashed first) and exactly one block long;
+    a token signed with a key one byte different is refused."""
+    import hashlib
+    import hmac
+    secret = ("k" * key_len)[:key_len]
+    v = MemberVerifier(secret, ID_RE)
+    for msg in (b"", b"a.b", b"x" * 1000):
+        assert v._mac(msg) == hmac.new(secret.encode(), msg, hashlib.sha256).digest()
+    token = jwt.encode({"sub": "m-1", "exp": time.time() + 60}, secret.ljust(32, "k"),
+                       algorithm="HS256")
+    if len(secret) >= 32:
+        assert v.verify(token) == "m-1"
+    other = secret[:-1] + "j"
+    with pytest.raises(Unauthorized):
+        MemberVerifier(other, ID_RE).verify(jwt.encode(
+            {"sub": "m-1", "exp": time.time() + 60}, secret, algorithm="HS256"))

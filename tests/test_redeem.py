@@ -253,3 +253,54 @@ async def test_invariant_after_random_mix(make_engine, redis_url) -> None:
         assert int(sk[line]) == initial - g("issued") + g("returned_open")
         assert g("redeemed") <= g("issued") - g("void")
         assert int(sk[line]) >= 0
+
+
+def test_failure_window_reservations() -> None:
+    from engine.ratelimit import FailureWindow
+    w = FailureWindow(3, window_s=60.0)
+    assert w.headroom("v", 0.0) == 3
+    w.reserve("v")
+    w.reserve("v")
+    assert w.headroom("v", 1.0) == 1
+    w.fail("v", 1.0)  # one of the two in flight failed
+    w.release("v")
+    assert w.headroom("v", 1.0) == 1 and not w.blocked_for("v", 1.0)
+    w.release("v")
+    assert w.headroom("v", 1.0) == 2
+    assert w.headroom("v", 61.0) == 3  # the window's failures expire
+    w.release("v")  # an extra release never makes room out of nothing
+    assert w.headroom("v", 1.0) == 2
+
+
+@pytest.mark.parametrize("spent", [0, 2])
+async def test_a_venue_redeems_concurrently_within_its_budget(make_engine, redis_url,
+                                                              spent: int) -> None:
+    """A venue's code checks are not serialised per worker: as many run at once as its
+    unknown-code budget has room for (a per-venue lock held it at one, so each
+    redemption reached Redis alone), and never more, so the budget stays exact."""
+    from engine.handlers import ENGINE
+    now = redis_now(redis_url)
+    rounds = [open_round(redis_url, stock={"V01": 20}, valid_from=now - timedelta(hours=1),
+                         valid_until=now + timedelta(days=1))]
+    e = await make_engine(campaign_toml(rounds=rounds), venue_bad_code_limit=4)
+    granted = [await grab(e, f"m{i}") for i in range(10)]
+    for _ in range(spent):
+        assert (await redeem(e, "V01", codes.display(codes.new_code())))[0] == 404
+    engine = e.client.server.app[ENGINE]
+    real = engine.store.redeem
+    in_flight = peak = 0
+
+    async def counting(venue_id: str, code: str):  # the real store call, counted
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.02)  # long enough for every request to arrive
+            return await real(venue_id, code)
+        finally:
+            in_flight -= 1
+
+    engine.store.redeem = counting
+    answers = await asyncio.gather(*(redeem(e, "V01", c) for c in granted))
+    assert [s for s, _ in answers] == [200] * 10
+    assert peak == 4 - spent
