@@ -61,12 +61,16 @@ class FailureWindow:
             return self.window_s - (now - start)
         return 0.0
 
-    def headroom(self, key: str, now: float) -> int:
-        """Failures the key may still have, less those reserved by attempts in flight."""
+    def _window(self, key: str, now: float) -> tuple[int, float]:
+        """(failures, start) of the key's window at ``now``: (0, now) once it expired."""
         count, start = self._counts.get(key, (0, now))
         if now - start >= self.window_s:
-            count = 0
-        return self.limit - count - self._reserved.get(key, 0)
+            return 0, now
+        return count, start
+
+    def headroom(self, key: str, now: float) -> int:
+        """Failures the key may still have, less those reserved by attempts in flight."""
+        return self.limit - self._window(key, now)[0] - self._reserved.get(key, 0)
 
     def reserve(self, key: str) -> None:
         self._reserved[key] = self._reserved.get(key, 0) + 1
@@ -80,9 +84,7 @@ class FailureWindow:
             self._reserved.pop(key, None)
 
     def fail(self, key: str, now: float) -> None:
-        count, start = self._counts.get(key, (0, now))
-        if now - start >= self.window_s:
-            count, start = 0, now
+        count, start = self._window(key, now)
         self._counts[key] = (count + 1, start)
 
 
