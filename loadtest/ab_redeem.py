@@ -27,16 +27,11 @@ def one(checkout: Path, tmp: Path, seconds: int) -> tuple[float, dict[str, float
     bench.REPO = checkout  # the engine process runs from this checkout
     engine = bench.Engine(tmp, 2)
     try:
-        script = tmp / "grab.lua"
-        script.write_text(bench.WRK_GRAB)
+        script = tmp / "phase.lua"
         tokens = tmp / "tokens.txt"
         bench.write_tokens(tokens, engine.member_secret, 120_000)
-        bench.run_wrk("seed", f"{engine.base}/v1/rounds/R1/grab", script,
-                      [str(tokens), "2", "/v1/rounds/R1/grab", ",".join(bench.BIG_VENUES), "0"],
-                      64, 2, 8)
-        keys = {v: engine.cli("token", "venue", v) for v in bench.BIG_VENUES}
         codes = tmp / "codes.txt"
-        bench.granted_codes(engine, keys, codes)
+        bench.grant_then_codes(engine, script, tokens, 64, 8, codes)
         script.write_text(bench.WRK_REDEEM)
         cpu0 = bench.role_cpu([engine.proc.pid])
         res = bench.run_wrk("redeem", f"{engine.base}/v1/venue/redemptions", script,

@@ -492,9 +492,11 @@ def write_tokens(path: Path, secret: str, n: int) -> None:
             f.write(mint_member_token(secret, f"b{tag}-{i}", 7200) + "\n")
 
 
-def granted_codes(engine: Engine, venue_keys: dict[str, str], out: Path) -> int:
-    """Write "venue_key code" for every issued coupon of R1, read straight from Redis
-    (every stock shard: a coupon's record is in its code's shard)."""
+def granted_codes(engine: Engine, out: Path) -> int:
+    """Write "venue_key code" for every issued coupon of the big venues, each with a
+    fresh key of its venue, read straight from Redis (every stock shard: a coupon's
+    record is in its code's shard)."""
+    venue_keys = {v: engine.cli("token", "venue", v) for v in BIG_VENUES}
     keys: list[str] = []
     rows: list[Any] = []
     for s in range(engine.shards):
@@ -512,6 +514,18 @@ def granted_codes(engine: Engine, venue_keys: dict[str, str], out: Path) -> int:
                 f.write(f"{venue_keys[venue]} {k.rsplit(':', 1)[1]}\n")
                 n += 1
     return n
+
+
+def grant_then_codes(engine: Engine, script: Path, tokens: Path, connections: int,
+                     seconds: int, out: Path) -> int:
+    """Grab in R1 at the big venues with wrk for ``seconds`` (``script`` gets the grab
+    script), then write the codes issued as ``granted_codes`` does: what a redemption
+    run needs when no grab phase came before it."""
+    script.write_text(WRK_GRAB)
+    run_wrk("seed", f"{engine.base}/v1/rounds/R1/grab", script,
+            [str(tokens), "2", "/v1/rounds/R1/grab", ",".join(BIG_VENUES), "0"],
+            connections, 2, seconds)
+    return granted_codes(engine, out)
 
 
 def redis_bench_cmd(node: dict[str, Any], cmd: list[str], pipeline: int, connections: int,
@@ -751,9 +765,8 @@ def run(args: argparse.Namespace) -> int:
         if engine.issued("R2") != 0:
             problems.append("not-open phase issued coupons")
 
-        venue_keys = {v: engine.cli("token", "venue", v) for v in BIG_VENUES}
         codes_file = tmp / "codes.txt"
-        n_codes = granted_codes(engine, venue_keys, codes_file)
+        n_codes = granted_codes(engine, codes_file)
         before = engine.redeemed()
         r = phase("4 redeem", f"{engine.base}/v1/venue/redemptions", "redeem",
                   [str(codes_file), str(threads), "0"])
@@ -820,6 +833,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cpu_total(cpu: dict[str, float]) -> float:
+    """CPU microseconds per answer over every process that served it."""
+    return cpu["wrk"] + cpu["server"] + cpu["archiver"] + cpu["redis"]
+
+
 # Issue 7's targets, as a share of the 1b ceiling.
 TARGETS = {"2 grab": 0.6, "3a sold out": 0.9, "3b not yet open": 0.9, "4 redeem": 0.5}
 
@@ -841,7 +859,7 @@ def print_cpu_budget(results: list[Result]) -> None:
     if base is None:
         return
     b = base.cpu
-    total_b = b["wrk"] + b["server"]
+    total_b = cpu_total(b)
     print()
     print("CPU per answer, us (wrk = the load generator; server = HTTP workers or the ceiling app)")
     print(f"| {'phase':<36} | {'wrk':>6} | {'server':>6} | {'archiver':>8} | {'redis':>6} | "
@@ -851,7 +869,7 @@ def print_cpu_budget(results: list[Result]) -> None:
         if not r.cpu:
             continue
         x = r.cpu
-        total = x["wrk"] + x["server"] + x["archiver"] + x["redis"]
+        total = cpu_total(x)
         print(f"| {r.phase:<36} | {x['wrk']:6.1f} | {x['server']:6.1f} | {x['archiver']:8.1f} | "
               f"{x['redis']:6.1f} | {total:6.1f} | {x['busy_cores']:10.2f} |")
     print()
@@ -864,7 +882,7 @@ def print_cpu_budget(results: list[Result]) -> None:
         if r is None:
             continue
         x = r.cpu
-        total = x["wrk"] + x["server"] + x["archiver"] + x["redis"]
+        total = cpu_total(x)
         floor = min(x["wrk"], b["wrk"]) + b["server"] + x["redis"]
         print(f"| {r.phase:<36} | {target:6.2f} | {total_b / target:7.1f} | {total:8.1f} | "
               f"{floor:6.1f} | {total_b / floor:10.2f} |")

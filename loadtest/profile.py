@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (BIG_VENUES, SOLD_OUT_VENUE, WRK_GRAB, WRK_REDEEM, Engine,  # noqa: E402
-                   granted_codes, http_json, run_wrk, write_tokens)
+                   grant_then_codes, http_json, run_wrk, write_tokens)
 from support import mint_member_token  # noqa: E402
 
 
@@ -87,13 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         base = engine.base
         if args.phase == "redeem":
             # Codes to redeem come from a grab run first.
-            script.write_text(WRK_GRAB)
-            run_wrk("seed", f"{base}/v1/rounds/R1/grab", script,
-                    [str(tokens), "2", "/v1/rounds/R1/grab", ",".join(BIG_VENUES), "0"],
-                    args.connections, 2, 5)
-            keys = {v: engine.cli("token", "venue", v) for v in BIG_VENUES}
             codes = tmp / "codes.txt"
-            granted_codes(engine, keys, codes)
+            grant_then_codes(engine, script, tokens, args.connections, 5, codes)
             script.write_text(WRK_REDEEM)
             url, wrk_args = f"{base}/v1/venue/redemptions", [str(codes), "2", "0"]
         else:
