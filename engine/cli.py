@@ -7,51 +7,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 from . import campaign as cmp
 from .auth import mint_member_token, resolve_secrets
 from .campaign import ID_RE
-from .config import Settings, from_env
-from .embedded import ensure_running
+from .cliargs import add_engine_args, fail
+from .config import Settings, from_flags
+from .ledger import cli as ledger_cli
+from .server import serve
+from .store import Store, active_campaign, client_for, connect_with_retry, load_campaign
+from .store.embedded import EmbeddedRedisError, engine_redis
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    s = from_env()
-    return s.with_overrides(
-        data_dir=getattr(args, "data_dir", None),
-        redis_url=getattr(args, "redis_url", None),
-        redis_cluster=True if getattr(args, "redis_cluster", False) else None,
-        stock_shards=getattr(args, "stock_shards", None),
-        host=getattr(args, "host", None),
-        port=getattr(args, "port", None),
-        workers=getattr(args, "workers", None),
-        campaign_file=getattr(args, "campaign", None),
-        allow_unsafe_redis=True if getattr(args, "allow_unsafe_redis", False) else None,
-    )
-
-
-@contextlib.contextmanager
-def redis_url_for(settings: Settings) -> Iterator[str]:
-    """The configured Redis, or the embedded one of the data directory."""
-    if settings.redis_url:
-        yield settings.redis_url
-    else:
-        with ensure_running(settings.redis_dir) as url:
-            yield url
-
-
-def fail(reason: str) -> int:
-    print(f"coupon-engine: {reason}", file=sys.stderr)
-    return 2
+    return from_flags(vars(args))
 
 
 def with_redis(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
-    from .store import client_for, connect_with_retry
-
     async def run(url: str) -> int:
         client = client_for(settings, url, timeout=5.0)
         try:
@@ -60,14 +36,14 @@ def with_redis(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
         finally:
             await client.aclose()
 
-    if settings.redis_cluster and not settings.redis_url:
-        return fail("--redis-cluster needs --redis-url (a seed node of the cluster)")
-    with redis_url_for(settings) as url:
-        return asyncio.run(run(url))
+    try:
+        with engine_redis(settings) as url:
+            return asyncio.run(run(url))
+    except EmbeddedRedisError as exc:
+        return fail(str(exc))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
     return serve(settings_from(args))
 
 
@@ -90,7 +66,6 @@ def cmd_campaign_check(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign_load(args: argparse.Namespace) -> int:
-    from .store import load_campaign
     try:
         c = _read_campaign(args.file)
     except cmp.CampaignError as exc:
@@ -128,8 +103,6 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def _venue_token(settings: Settings, args: argparse.Namespace) -> int:
-    from .store import Store, active_campaign
-
     async def act(client: Any) -> int:
         c = await active_campaign(client)
         if c is None:
@@ -151,15 +124,6 @@ def _venue_token(settings: Settings, args: argparse.Namespace) -> int:
     return with_redis(settings, act)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", help="Redis URL (else COUPON_REDIS_URL, else embedded);"
-                   " redis+cluster://HOST:PORT names a Redis Cluster seed node")
-    p.add_argument("--redis-cluster", action="store_true",
-                   help="the --redis-url is a seed node of a Redis Cluster"
-                        " (else COUPON_REDIS_CLUSTER)")
-    p.add_argument("--data-dir", type=Path, help="data directory (else COUPON_DATA_DIR, ./var)")
-
-
 def _shards_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stock-shards", type=int, metavar="S",
                    help="split the campaign's stock over S shards (slots) at its first load;"
@@ -171,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the HTTP engine")
-    _common(p)
+    add_engine_args(p)
     p.add_argument("--campaign", type=Path, help="campaign file to load (default: the sample)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -188,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_campaign_check)
     c = csub.add_parser("load")
     c.add_argument("file", type=Path)
-    _common(c)
+    add_engine_args(c)
     _shards_arg(c)
     c.set_defaults(func=cmd_campaign_load)
 
@@ -198,15 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int, default=3600, help="member token lifetime, seconds")
     p.add_argument("--revoke", metavar="KEY_ID|all", help="venue: revoke a key (or all)")
     p.add_argument("--list", action="store_true", help="venue: list key ids")
-    _common(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_token)
 
-    try:
-        from . import cli_ledger
-    except ImportError:  # the ledger commands ship in engine.cli_ledger
-        cli_ledger = None  # type: ignore[assignment]
-    if cli_ledger is not None:
-        cli_ledger.register(sub)
+    ledger_cli.register(sub)
     return parser
 
 

@@ -6,9 +6,10 @@ Command-line flags override the environment; nothing here runs at import time.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +49,6 @@ class Settings:
         return self.data_dir / "redis"
 
     @property
-    def redis_socket(self) -> Path:
-        return self.redis_dir / "redis.sock"
-
-    @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.sqlite3"
 
@@ -70,7 +67,7 @@ class Settings:
         return self.redis_cluster or url.split("://", 1)[0].lower() in (
             "redis+cluster", "rediss+cluster")
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         """Return a copy with the non-None values of ``changes`` applied."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -119,3 +116,24 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if v := env.get("COUPON_LOG_LEVEL"):
         changes["log_level"] = v.upper()
     return replace(s, **changes)
+
+
+# Command-line flags (argparse dests) and the setting each overrides; store_true
+# flags override only when given.
+_FLAGS = {"data_dir": "data_dir", "redis_url": "redis_url", "stock_shards": "stock_shards",
+          "host": "host", "port": "port", "workers": "workers", "campaign": "campaign_file"}
+_SWITCHES = {"redis_cluster": "redis_cluster", "allow_unsafe_redis": "allow_unsafe_redis"}
+
+
+def from_flags(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment, with the command line's flags applied
+    (``vars(args)`` of any subcommand; flags it does not have are ignored)."""
+    changes: dict[str, Any] = {}
+    for flag, name in _FLAGS.items():
+        value = flags.get(flag)
+        if value is not None:
+            changes[name] = Path(value) if name in ("data_dir", "campaign_file") else value
+    for flag, name in _SWITCHES.items():
+        if flags.get(flag):
+            changes[name] = True
+    return from_env(env).with_overrides(**changes)

@@ -1,18 +1,28 @@
-"""Engine errors: each carries the contract's code, HTTP status and extra fields.
+"""The contract's errors: one plain class per code, with its HTTP status and the extra
+field the contract adds to its body.
 
-Handlers raise these; one middleware turns them into
-``{"error": {"code", "message", ...}}``. Nothing here knows about aiohttp.
+Handlers raise (or the hot path returns) these; one middleware turns them
+into ``{"error": {"code", "message", ...}}``; the OpenAPI document derives each
+route's error codes and extra fields from the classes it lists; each script
+outcome maps to a class through one dict beside its use (``service.py``).
+Adding a refusal: the Lua header, its enum member, one class here, one dict
+entry; ``tests/test_refusals.py`` checks the four agree. Nothing here knows
+about aiohttp.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class EngineError(Exception):
-    code: str = "internal"
-    status: int = 500
-    default_message: str = "internal error"
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "internal error"
+    # The one extra body field the contract names for this code (a time), if any.
+    extra: ClassVar[str | None] = None
+    # Answered with a Retry-After header (seconds).
+    retry_after: ClassVar[bool] = False
 
     def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None,
                  **fields: Any) -> None:
@@ -25,40 +35,116 @@ class EngineError(Exception):
         return {"error": {"code": self.code, "message": self.message, **self.fields}}
 
 
-def _error(name: str, code: str, status: int, message: str) -> type[EngineError]:
-    return type(name, (EngineError,), {"code": code, "status": status,
-                                       "default_message": message})
+class InvalidRequest(EngineError):
+    code, status, default_message = "invalid_request", 400, "the request is not valid"
 
 
-InvalidRequest = _error("InvalidRequest", "invalid_request", 400, "the request is not valid")
-Unauthorized = _error("Unauthorized", "unauthorized", 401, "missing or invalid credentials")
-Forbidden = _error("Forbidden", "forbidden", 403, "this credential may not do that")
-WrongVenue = _error("WrongVenue", "wrong_venue", 403, "this coupon belongs to another venue")
-NotFound = _error("NotFound", "not_found", 404, "no such resource")
-RoundNotFound = _error("RoundNotFound", "round_not_found", 404, "no such round")
-VenueNotFound = _error("VenueNotFound", "venue_not_found", 404,
-                       "no such venue in this round")
-CouponNotFound = _error("CouponNotFound", "coupon_not_found", 404, "no such coupon")
-RoundNotOpen = _error("RoundNotOpen", "round_not_open", 409, "the round has not opened yet")
-RoundClosed = _error("RoundClosed", "round_closed", 410, "the round has closed")
-SoldOut = _error("SoldOut", "sold_out", 410, "this venue is sold out in this round")
-RoundQuotaExceeded = _error("RoundQuotaExceeded", "round_quota_exceeded", 409,
-                            "you already hold this round's quota of coupons")
-CampaignQuotaExceeded = _error("CampaignQuotaExceeded", "campaign_quota_exceeded", 409,
-                               "you already hold the campaign's quota of coupons")
-IdempotencyKeyReused = _error("IdempotencyKeyReused", "idempotency_key_reused", 422,
-                              "this Idempotency-Key was used with another request")
-RateLimited = _error("RateLimited", "rate_limited", 429, "too many requests; slow down")
-AlreadyRedeemed = _error("AlreadyRedeemed", "already_redeemed", 409,
-                         "this coupon was already redeemed")
-AlreadyVoid = _error("AlreadyVoid", "already_void", 409, "this coupon was already returned")
-CouponVoid = _error("CouponVoid", "coupon_void", 409,
-                    "this coupon was returned by its member and is no longer valid")
-CouponNotYetValid = _error("CouponNotYetValid", "coupon_not_yet_valid", 409,
-                           "this coupon cannot be used yet")
-CouponExpired = _error("CouponExpired", "coupon_expired", 410, "this coupon has expired")
-MethodNotAllowed = _error("MethodNotAllowed", "method_not_allowed", 405,
-                          "method not allowed")
-Unavailable = _error("Unavailable", "unavailable", 503,
-                     "the engine cannot reach its store; retry shortly")
-NotReady = _error("NotReady", "unavailable", 503, "the engine is not ready")
+class Unauthorized(EngineError):
+    code, status, default_message = "unauthorized", 401, "missing or invalid credentials"
+
+
+class WrongVenue(EngineError):
+    code, status, default_message = ("wrong_venue", 403,
+                                     "this coupon belongs to another venue")
+
+
+class NotFound(EngineError):
+    code, status, default_message = "not_found", 404, "no such resource"
+
+
+class RoundNotFound(EngineError):
+    code, status, default_message = "round_not_found", 404, "no such round"
+
+
+class VenueNotFound(EngineError):
+    code, status, default_message = "venue_not_found", 404, "no such venue in this round"
+
+
+class CouponNotFound(EngineError):
+    code, status, default_message = "coupon_not_found", 404, "no such coupon"
+
+
+class MethodNotAllowed(EngineError):
+    code, status, default_message = "method_not_allowed", 405, "method not allowed"
+
+
+class RoundNotOpen(EngineError):
+    code, status, default_message = "round_not_open", 409, "the round has not opened yet"
+    extra = "opens_at"
+
+
+class RoundQuotaExceeded(EngineError):
+    code, status, default_message = ("round_quota_exceeded", 409,
+                                     "you already hold this round's quota of coupons")
+
+
+class CampaignQuotaExceeded(EngineError):
+    code, status, default_message = ("campaign_quota_exceeded", 409,
+                                     "you already hold the campaign's quota of coupons")
+
+
+class AlreadyRedeemed(EngineError):
+    code, status, default_message = ("already_redeemed", 409,
+                                     "this coupon was already redeemed")
+    extra = "redeemed_at"
+
+
+class AlreadyVoid(EngineError):
+    code, status, default_message = "already_void", 409, "this coupon was already returned"
+
+
+class CouponVoid(EngineError):
+    code, status, default_message = ("coupon_void", 409,
+                                     "this coupon was returned by its member and is no longer"
+                                     " valid")
+
+
+class CouponNotYetValid(EngineError):
+    code, status, default_message = ("coupon_not_yet_valid", 409,
+                                     "this coupon cannot be used yet")
+    extra = "valid_from"
+
+
+class RoundClosed(EngineError):
+    code, status, default_message = "round_closed", 410, "the round has closed"
+
+
+class SoldOut(EngineError):
+    code, status, default_message = ("sold_out", 410,
+                                     "this venue is sold out in this round")
+
+
+class CouponExpired(EngineError):
+    code, status, default_message = "coupon_expired", 410, "this coupon has expired"
+    extra = "valid_until"
+
+
+class IdempotencyKeyReused(EngineError):
+    code, status, default_message = ("idempotency_key_reused", 422,
+                                     "this Idempotency-Key was used with another request")
+
+
+class RateLimited(EngineError):
+    code, status, default_message = "rate_limited", 429, "too many requests; slow down"
+    retry_after = True
+
+
+class Unavailable(EngineError):
+    code, status, default_message = ("unavailable", 503,
+                                     "the engine cannot reach its store; retry shortly")
+    retry_after = True
+
+
+class NotReady(Unavailable):
+    default_message = "the engine is not ready"
+
+
+def contract_errors() -> list[type[EngineError]]:
+    """Every error class with a contract code (EngineError itself is the 500)."""
+    out: list[type[EngineError]] = []
+    todo = list(EngineError.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        out.append(cls)
+        todo += cls.__subclasses__()
+    return out

@@ -24,13 +24,20 @@ import bisect
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
-from .scripts import GrabOutcome, RedeemOutcome
+from .domain import round_state
+from .store.scripts import GrabOutcome, RedeemOutcome
 
 if TYPE_CHECKING:
     from .campaign import Campaign
@@ -54,7 +61,6 @@ REDEMPTION_OUTCOMES = tuple(dict.fromkeys(
      "lookup_not_found", "lookup_wrong_venue"]))
 SCRIPTS = ("grab", "redeem", "void")
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 FLUSH_INTERVAL_S = 0.25
 
 
@@ -66,7 +72,6 @@ class Metrics:
         # The metrics live in a private registry so that several apps in one test
         # process never collide; what /metrics shows is ``self.registry``.
         own = registry or CollectorRegistry(auto_describe=True)
-        self._own = own
         path = multiproc_dir if multiproc_dir is not None else os.environ.get(MULTIPROC_ENV)
         self.multiprocess = bool(path) and registry is None
         if self.multiprocess:
@@ -138,8 +143,8 @@ class Metrics:
             self.script_duration.labels(s)
         # Tallies waiting for flush(): (metric, *labels) -> count, and
         # (histogram, *labels) -> [per-bucket counts..., sum].
-        self._counts: dict[tuple[object, ...], int] = {}
-        self._hists: dict[tuple[object, ...], list[float]] = {}
+        self._counts: dict[tuple[Any, ...], int] = {}
+        self._hists: dict[tuple[Any, ...], list[float]] = {}
         self.in_flight = 0
 
     def count(self, metric: Counter, *labels: str) -> None:
@@ -160,15 +165,15 @@ class Metrics:
         counts, self._counts = self._counts, {}
         hists, self._hists = self._hists, {}
         for (metric, *labels), n in counts.items():
-            m = metric.labels(*labels) if labels else metric  # type: ignore[attr-defined]
+            m = metric.labels(*labels) if labels else metric
             m.inc(n)
         for (metric, *labels), row in hists.items():
-            child = metric.labels(*labels)  # type: ignore[attr-defined]
+            child = metric.labels(*labels)
             # prometheus_client keeps one value per bucket (the +Inf bucket last) and
             # a sum; adding to them is what observe() does, once per call.
-            for i, n in enumerate(row[:-1]):
-                if n:
-                    child._buckets[i].inc(n)
+            for i, k in enumerate(row[:-1]):
+                if k:
+                    child._buckets[i].inc(k)
             child._sum.inc(row[-1])
         self.http_in_flight.set(self.in_flight)
 
@@ -181,7 +186,7 @@ class Metrics:
             self.flush()
 
     @classmethod
-    def disabled(cls) -> "Metrics":
+    def disabled(cls) -> Metrics:
         return cls(CollectorRegistry(auto_describe=True))
 
     def render(self) -> bytes:
@@ -189,7 +194,7 @@ class Metrics:
         from an executor (after ``flush()`` on the loop)."""
         return generate_latest(self.registry)
 
-    def prime(self, campaign: "Campaign") -> None:
+    def prime(self, campaign: Campaign) -> None:
         """Create every round x venue x outcome series at zero so panels are never empty."""
         self._rounds = frozenset(r.id for r in campaign.rounds)
         venues = sorted({v for r in campaign.rounds for v in r.stock})
@@ -245,10 +250,9 @@ class Metrics:
         finally:
             self.observe(self.script_duration, time.perf_counter() - t0, name)
 
-    def observe_state(self, campaign: "Campaign", stock: dict[str, int],
+    def observe_state(self, campaign: Campaign, stock: dict[str, int],
                       stats: dict[str, int], now_ms: int, ledger_lag: int) -> None:
         """Set the polled gauges from one reading of Redis."""
-        from .domain import round_state
         issued = void = redeemed = 0
         for f, n in stats.items():
             kind = f.split(":", 1)[0]

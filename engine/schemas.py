@@ -21,7 +21,7 @@ class Body(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 _IDENT_FULL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-class GrabRequest(Body):
+class GrabRequest(Body, frozen=True):
     venue_id: Ident
 
     def __post_init__(self) -> None:
@@ -29,7 +29,7 @@ class GrabRequest(Body):
             raise ValueError("venue_id must be 1-64 characters of A-Za-z0-9_.-")
 
 
-class RedeemRequest(Body):
+class RedeemRequest(Body, frozen=True):
     code: CodeText
 
 

@@ -13,22 +13,29 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-from aiohttp import web
 
 from . import campaign as cmp
-from .app import create_app
 from .auth import resolve_secrets
+from .cliargs import fail
 from .config import Settings
 from .domain import rfc3339, utc_now_ms
-from .embedded import EmbeddedRedis
+from .http.worker import worker_main
+from .ledger.archiver import run_in_background
+from .ledger.db import Ledger
+from .logs import setup_logging
 from .metrics import MULTIPROC_ENV, mark_process_dead
-from .store import (active_campaign, check_safety, client_for, connect_with_retry,
-                    load_campaign, redis_time_ms)
+from .store import (
+    active_campaign,
+    check_safety,
+    client_for,
+    connect_with_retry,
+    load_campaign,
+    redis_time_ms,
+)
+from .store.embedded import EmbeddedRedis
 
 log = logging.getLogger("engine.server")
 
@@ -45,7 +52,6 @@ def sample_campaign_text() -> str:
 def refuse_if_redis_lost_state(settings: Settings, campaign_id: str) -> None:
     """Redis holds no campaign, yet the ledger has this campaign's events: Redis lost
     its data. Loading the campaign now would put its full stock on sale again."""
-    from .ledger import Ledger
     if not settings.ledger_path.exists():
         return
     with Ledger(settings.ledger_path) as led:
@@ -99,30 +105,7 @@ async def prepare(settings: Settings, url: str, embedded: bool) -> cmp.Campaign:
         await client.aclose()
 
 
-async def run_worker(settings: Settings, url: str, index: int) -> None:
-    app = create_app(settings, url)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=4096)
-    await site.start()
-    log.info("worker %d listening on http://%s:%d", index, settings.host, settings.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("worker %d draining", index)
-    await runner.cleanup()
-
-
-def worker_main(settings: Settings, url: str, index: int) -> None:
-    _setup_logging(settings.log_level)
-    import uvloop
-    uvloop.run(run_worker(settings, url, index))
-
-
 async def run_archiver(settings: Settings, url: str) -> None:
-    from .archiver import run_in_background
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,18 +121,13 @@ ARCHIVER_NICENESS = 10
 
 
 def archiver_main(settings: Settings, url: str) -> None:
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     try:
         os.nice(ARCHIVER_NICENESS)
     except OSError as exc:  # not allowed here: run at normal priority
         log.warning("could not lower the archiver's priority: %s", exc)
     import uvloop
     uvloop.run(run_archiver(settings, url))
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
 
 
 def _reset_metrics_dir(path: Path) -> None:
@@ -164,13 +142,11 @@ def _reset_metrics_dir(path: Path) -> None:
 
 
 def serve(settings: Settings) -> int:
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     redis: EmbeddedRedis | None = None
     url = settings.redis_url
     if url is None and settings.cluster:
-        print("coupon-engine: --redis-cluster needs --redis-url (a seed node of the cluster)",
-              file=sys.stderr)
-        return 2
+        return fail("--redis-cluster needs --redis-url (a seed node of the cluster)")
     if url is None:
         redis = EmbeddedRedis(settings.redis_dir)
         redis.start()
@@ -217,8 +193,7 @@ def serve(settings: Settings) -> int:
             time.sleep(0.2)
         return 0
     except (ServeError, cmp.CampaignError) as exc:
-        print(f"coupon-engine: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     finally:
         for p in procs:
             if p.is_alive():

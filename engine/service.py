@@ -11,18 +11,19 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from . import codes, errors
-from .auth import MemberVerifier, Secrets, bearer, check_admin
+from .auth import MemberVerifier, Secrets, bearer, check_admin, resolve_secrets
 from .campaign import ID_RE, Campaign
-from .domain import coupon_from_record, rfc3339, round_state
+from .config import Settings
+from .domain import CouponState, coupon_view, line_key, rfc3339, round_state
 from .metrics import Metrics
 from .ratelimit import FailureWindow, TokenBucket, retry_after
 from .schemas import Coupon, RoundStats, RoundView, VenueStats, VenueStock
-from .scripts import GrabOutcome, RedeemOutcome, VoidOutcome
-from .store import GrabResult, Store
+from .store import GrabResult, Store, active_campaign, client_for, connect_with_retry, shard_count
+from .store.scripts import GrabOutcome, RedeemOutcome, VoidOutcome
 
 log = logging.getLogger("engine.service")
 
@@ -32,6 +33,40 @@ CLOCK_MARGIN_MS = 500
 POLL_INTERVAL_S = 0.5
 # Refill-and-grab tries for a member whose stock shard is dry (docs/cluster.md).
 _REFILL_ATTEMPTS = 32
+
+# Each script's refusals as the contract's errors (errors.py). An outcome that is
+# not here is a success or an engine bug (BAD_ARGUMENT, CODE_COLLISION).
+GRAB_REFUSALS: dict[GrabOutcome, type[errors.EngineError]] = {
+    GrabOutcome.ROUND_NOT_FOUND: errors.RoundNotFound,
+    GrabOutcome.VENUE_NOT_FOUND: errors.VenueNotFound,
+    GrabOutcome.ROUND_NOT_OPEN: errors.RoundNotOpen,
+    GrabOutcome.ROUND_CLOSED: errors.RoundClosed,
+    GrabOutcome.ROUND_QUOTA: errors.RoundQuotaExceeded,
+    GrabOutcome.CAMPAIGN_QUOTA: errors.CampaignQuotaExceeded,
+    GrabOutcome.SOLD_OUT: errors.SoldOut,
+    GrabOutcome.IDEMPOTENCY_REUSED: errors.IdempotencyKeyReused,
+}
+REDEEM_REFUSALS: dict[RedeemOutcome, type[errors.EngineError]] = {
+    RedeemOutcome.NOT_FOUND: errors.CouponNotFound,
+    RedeemOutcome.WRONG_VENUE: errors.WrongVenue,
+    RedeemOutcome.ALREADY_REDEEMED: errors.AlreadyRedeemed,
+    RedeemOutcome.VOID: errors.CouponVoid,
+    RedeemOutcome.NOT_YET_VALID: errors.CouponNotYetValid,
+    RedeemOutcome.EXPIRED: errors.CouponExpired,
+}
+VOID_REFUSALS: dict[VoidOutcome, type[errors.EngineError]] = {
+    VoidOutcome.NOT_FOUND: errors.CouponNotFound,
+    VoidOutcome.ALREADY_REDEEMED: errors.AlreadyRedeemed,
+    VoidOutcome.ALREADY_VOID: errors.AlreadyVoid,
+}
+
+
+def refusal(cls: type[errors.EngineError], at_ms: int, tz: str) -> errors.EngineError:
+    """The error, with its extra field (a time the script returned) when it has one."""
+    err = cls()
+    if cls.extra:
+        err.fields[cls.extra] = rfc3339(at_ms, tz)
+    return err
 
 
 @dataclass
@@ -67,6 +102,13 @@ class Engine:
         self._venue_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._refills: dict[tuple[str, int], asyncio.Future[int]] = {}
         self._stopping = False
+
+    async def ready(self) -> bool:
+        """Whether Redis answers (for /readyz)."""
+        return await self.store.ping()
+
+    async def close(self) -> None:
+        await self.store.close()
 
     @property
     def campaign(self) -> Campaign:
@@ -126,7 +168,7 @@ class Engine:
                 member_id, idem_key):
             self.metrics.grab(round_id, "round_closed")
             return errors.RoundClosed()
-        line = f"{round_id}:{venue_id}"
+        line = line_key(round_id, venue_id)
         if line in self.state.sold_out and not await self._may_replay(member_id, idem_key):
             self.metrics.grab(round_id, "sold_out")
             return errors.SoldOut()
@@ -150,7 +192,7 @@ class Engine:
         answer is sold out). Each refill moves at least one unit, but other members
         of the shard may take it first; after _REFILL_ATTEMPTS the member is asked
         to retry (503) rather than told a sold-out that may be false."""
-        line = f"{round_id}:{venue_id}"
+        line = line_key(round_id, venue_id)
         shard = self.store.member_shard(member_id)
         for _ in range(_REFILL_ATTEMPTS):
             if not await self._refill(line, shard):
@@ -177,7 +219,7 @@ class Engine:
         key = (line, shard)
         running = self._refills.get(key)
         if running is None:
-            running = asyncio.ensure_future(self.store.refill(line, shard))
+            running = asyncio.ensure_future(self.store.transfers.refill(line, shard))
             self._refills[key] = running
             running.add_done_callback(lambda f: self._refill_done(key, f))
             self.metrics.count_refill()
@@ -187,7 +229,7 @@ class Engine:
                     line: str) -> Coupon | errors.EngineError:
         c = self.campaign
         oc = res.outcome
-        if oc in (GrabOutcome.GRANTED, GrabOutcome.REPLAYED):
+        if oc is GrabOutcome.GRANTED or oc is GrabOutcome.REPLAYED:
             if oc is GrabOutcome.GRANTED:
                 # With shards, ``remaining`` is one shard's: the poll sums them.
                 if self.store.shards == 1:
@@ -196,39 +238,25 @@ class Engine:
                     self.state.remaining[line] = res.remaining
                 self.metrics.issued(round_id, venue_id)
             # A replay returns the first result again: the coupon as it was issued.
-            return coupon_from_record(c, res.code, {
-                "round": round_id, "venue": venue_id, "member": member_id,
-                "status": "issued", "issued_at": str(res.issued_at_ms),
-                "valid_from": str(res.valid_from_ms), "valid_until": str(res.valid_until_ms)})
+            return coupon_view(c, CouponState(
+                res.code, round_id, venue_id, member_id, "issued", res.issued_at_ms,
+                res.valid_from_ms, res.valid_until_ms))
         if oc is GrabOutcome.SOLD_OUT:
             self.state.sold_out.add(line)
-            return errors.SoldOut()
-        if oc is GrabOutcome.ROUND_NOT_OPEN:
-            return errors.RoundNotOpen(opens_at=rfc3339(res.edge_ms, c.timezone))
-        if oc is GrabOutcome.ROUND_CLOSED:
-            return errors.RoundClosed()
-        if oc is GrabOutcome.ROUND_QUOTA:
-            return errors.RoundQuotaExceeded()
-        if oc is GrabOutcome.CAMPAIGN_QUOTA:
-            return errors.CampaignQuotaExceeded()
-        if oc is GrabOutcome.IDEMPOTENCY_REUSED:
-            return errors.IdempotencyKeyReused()
-        if oc is GrabOutcome.ROUND_NOT_FOUND:
-            return errors.RoundNotFound()
-        if oc is GrabOutcome.VENUE_NOT_FOUND:
-            return errors.VenueNotFound()
-        raise RuntimeError(f"grab.lua refused its arguments: {oc.name} {res.message}")
+        cls = GRAB_REFUSALS.get(oc)
+        if cls is None:
+            raise RuntimeError(f"grab.lua refused its arguments: {oc.name} {res.message}")
+        return refusal(cls, res.edge_ms, c.timezone)
 
     async def my_coupons(self, member_id: str) -> list[Coupon]:
-        rows = await self.store.member_coupons(member_id)
-        return [coupon_from_record(self.campaign, code, rec) for code, rec in rows]
+        return [coupon_view(self.campaign, s) for s in await self.store.member_coupons(member_id)]
 
     async def my_coupon(self, member_id: str, text: str) -> Coupon:
         code = codes.normalize(text)
-        rec = await self.store.coupon(code) if code else None
-        if code is None or rec is None or rec.get("member") != member_id:
+        state = await self.store.coupon(code) if code else None
+        if state is None or state.member_id != member_id:
             raise errors.CouponNotFound()
-        return coupon_from_record(self.campaign, code, rec)
+        return coupon_view(self.campaign, state)
 
     async def void(self, member_id: str, text: str) -> Coupon:
         code = codes.normalize(text)
@@ -237,19 +265,13 @@ class Engine:
         with self.metrics.script("void"):
             res = await self.store.void(member_id, code)
         self.state.observe_clock(res.now_ms)
-        oc = res.outcome
-        if oc is VoidOutcome.VOIDED:
-            rec = res.record
-            line = f"{rec['round']}:{rec['venue']}"
-            if res.restocked:
-                self.state.sold_out.discard(line)
-            self.metrics.voided(rec["round"], rec["venue"])
-            return coupon_from_record(self.campaign, code, rec)
-        if oc is VoidOutcome.NOT_FOUND:
-            raise errors.CouponNotFound()
-        if oc is VoidOutcome.ALREADY_REDEEMED:
-            raise errors.AlreadyRedeemed(redeemed_at=rfc3339(res.at_ms, self.campaign.timezone))
-        raise errors.AlreadyVoid()
+        if res.coupon is None:
+            raise refusal(VOID_REFUSALS[res.outcome], res.at_ms, self.campaign.timezone)
+        s = res.coupon
+        if res.restocked:
+            self.state.sold_out.discard(line_key(s.round_id, s.venue_id))
+        self.metrics.voided(s.round_id, s.venue_id)
+        return coupon_view(self.campaign, s)
 
     # Venues
 
@@ -299,17 +321,17 @@ class Engine:
     async def venue_lookup(self, venue_id: str, text: str) -> Coupon:
         async with self._venue_attempt(venue_id):
             code = self._venue_code(venue_id, text)
-            rec = await self.store.coupon(code)
-            if rec is None:
+            state = await self.store.coupon(code)
+            if state is None:
                 self.venue_failures.fail(venue_id, time.monotonic())
-        if rec is None:
+        if state is None:
             self.metrics.redemption(venue_id, "lookup_not_found")
             raise errors.CouponNotFound()
-        if rec["venue"] != venue_id:
+        if state.venue_id != venue_id:
             self.metrics.redemption(venue_id, "lookup_wrong_venue")
             raise errors.WrongVenue()
         self.metrics.redemption(venue_id, "lookup")
-        return coupon_from_record(self.campaign, code, rec)
+        return coupon_view(self.campaign, state)
 
     async def redeem(self, venue_id: str, text: str) -> Coupon:
         async with self._venue_attempt(venue_id):
@@ -319,27 +341,15 @@ class Engine:
             if res.outcome is RedeemOutcome.NOT_FOUND:
                 self.venue_failures.fail(venue_id, time.monotonic())
         self.state.observe_clock(res.now_ms)
-        oc = res.outcome
-        self.metrics.redemption(venue_id, oc.name.lower())
-        tz = self.campaign.timezone
-        if oc is RedeemOutcome.REDEEMED:
-            self.metrics.redeemed(res.record["round"], venue_id)
-            return coupon_from_record(self.campaign, code, res.record)
-        if oc is RedeemOutcome.NOT_FOUND:
-            raise errors.CouponNotFound()
-        if oc is RedeemOutcome.WRONG_VENUE:
-            raise errors.WrongVenue()
-        if oc is RedeemOutcome.ALREADY_REDEEMED:
-            raise errors.AlreadyRedeemed(redeemed_at=rfc3339(res.at_ms, tz))
-        if oc is RedeemOutcome.VOID:
-            raise errors.CouponVoid()
-        if oc is RedeemOutcome.NOT_YET_VALID:
-            raise errors.CouponNotYetValid(valid_from=rfc3339(res.at_ms, tz))
-        raise errors.CouponExpired(valid_until=rfc3339(res.at_ms, tz))
+        self.metrics.redemption(venue_id, res.outcome.name.lower())
+        if res.coupon is None:
+            raise refusal(REDEEM_REFUSALS[res.outcome], res.at_ms, self.campaign.timezone)
+        self.metrics.redeemed(res.coupon.round_id, venue_id)
+        return coupon_view(self.campaign, res.coupon)
 
     async def venue_redemptions(self, venue_id: str, since_ms: int) -> list[Coupon]:
-        rows = await self.store.venue_redemptions(venue_id, since_ms)
-        return [coupon_from_record(self.campaign, code, rec) for code, rec in rows]
+        return [coupon_view(self.campaign, s)
+                for s in await self.store.venue_redemptions(venue_id, since_ms)]
 
     # Public and operators
 
@@ -360,7 +370,7 @@ class Engine:
             v = c.venue(vid)
             venues.append(VenueStock(
                 venue_id=vid, name=v.name if v else vid, kind=v.kind if v else "",
-                stock=stock, remaining=self.state.remaining.get(f"{round_id}:{vid}", stock)))
+                stock=stock, remaining=self.state.remaining.get(line_key(round_id, vid), stock)))
         return RoundView(
             id=r.id, opens_at=rfc3339(r.opens_at_ms, c.timezone),
             closes_at=rfc3339(r.closes_at_ms, c.timezone),
@@ -379,7 +389,7 @@ class Engine:
         totals = {k: 0 for k in ("stock", "remaining", "issued", "void", "returned_open",
                                  "returned_closed", "redeemed")}
         for vid in r.stock:
-            line = f"{round_id}:{vid}"
+            line = line_key(round_id, vid)
             v = c.venue(vid)
             row = VenueStats(
                 venue_id=vid, name=v.name if v else vid,
@@ -399,7 +409,7 @@ class Engine:
     async def refresh(self) -> None:
         """Re-read remaining stock and the campaign if it changed; clear stale sold-out flags."""
         # Finish transfers a crashed worker left half done before reading stock.
-        await self.store.sweep_transfers()
+        await self.store.transfers.sweep()
         stock = await self.store.stock()
         self.state.remaining = stock
         for line in [x for x in self.state.sold_out if stock.get(x, 0) > 0]:
@@ -453,6 +463,32 @@ class Engine:
                 _reraise_if_cancelling()
                 log.warning("notification channel lost (%s); reconnecting", exc)
                 await asyncio.sleep(1.0)
+
+
+async def open_engine(settings: Settings, redis_url: str, metrics: Metrics) -> Engine:
+    """One worker's Engine on the Redis at ``redis_url``, its state read once and its
+    hot-path connection open."""
+    client = client_for(settings, redis_url)
+    try:
+        await connect_with_retry(client, settings.redis_connect_retries)
+        campaign = await active_campaign(client)
+        if campaign is None:
+            raise RuntimeError("no campaign is loaded; run 'coupon-engine campaign load FILE'")
+        shards = await shard_count(client, campaign.id)
+    except BaseException:
+        await client.aclose()
+        raise
+    engine = Engine(Store(client, campaign, settings, shards=shards), resolve_secrets(settings),
+                    member_rate=settings.member_rate, member_burst=settings.member_burst,
+                    venue_bad_code_limit=settings.venue_bad_code_limit, metrics=metrics)
+    metrics.prime(campaign)
+    await engine.refresh()
+    # Connect the hot path now (scripts loaded, SHAs checked), not on the first grab.
+    try:
+        await engine.store.wire.call("PING")
+    except Exception as exc:  # noqa: BLE001 - the first call will retry the connect
+        log.warning("hot-path redis connection not ready at start: %s", exc)
+    return engine
 
 
 def _reraise_if_cancelling() -> None:

@@ -30,8 +30,9 @@ import redis
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from engine import codes  # noqa: E402
-from engine.embedded import EmbeddedRedis  # noqa: E402
-from engine.keys import Keys  # noqa: E402
+from engine.store import scripts  # noqa: E402
+from engine.store.embedded import EmbeddedRedis  # noqa: E402
+from engine.store.keys import Keys  # noqa: E402
 
 GRAB_KEYS = 9
 GRAB_ARGV = 6
@@ -62,11 +63,8 @@ def seed(r: redis.Redis, k: Keys, venues: list[str]) -> None:
     r.hset(k.stock, mapping={f"R1:{v}": 10**9 for v in venues})
 
 
-def grab_call(k: Keys, member: str, venue: str) -> tuple[list[str], list[str]]:
-    code = codes.new_code()
-    return ([k.campaign, k.round("R1"), k.stock, k.stats, k.member(member),
-             k.member_coupons(member), k.coupon(code), k.idempotency(member, ""), k.events],
-            ["R1", venue, member, code, "0", TTL])
+def grab_call(k: Keys, member: str, venue: str) -> scripts.Call:
+    return scripts.grab_call(k, "R1", venue, member, codes.new_code(), "", TTL)
 
 
 def redis_cpu(r: redis.Redis) -> float:

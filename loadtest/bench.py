@@ -60,7 +60,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,8 @@ from support import campaign_toml, free_port, mint_member_token  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from engine.keys import Keys  # noqa: E402
+from engine.store import scripts  # noqa: E402
+from engine.store.keys import Keys  # noqa: E402
 
 CID = "bench"
 BIG_VENUES = [f"V{i:02d}" for i in range(1, 11)]
@@ -293,7 +294,7 @@ class Engine:
         if external is not None:
             self.env["COUPON_REDIS_URL"] = external.url
         self.env.update(env or {})
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         campaign = campaign or campaign_toml(
             cid=cid, venues=[*BIG_VENUES, SOLD_OUT_VENUE], campaign_quota=3, budget_fen=10**12,
             rounds=[
@@ -549,8 +550,9 @@ def parse_redis_bench(name: str, returncode: int, stdout: str, stderr: str, n: i
         raise RuntimeError(f"redis-benchmark failed: {stdout}\n{stderr}")
     header = [h.strip('"') for h in lines[0].split(",")]
     row = dict(zip(header, [v.strip('"') for v in lines[-1].split(",")]))
-    return Result(phase=name, rps=float(row["rps"]), requests=n, p50_ms=float(row["p50_latency_ms"]),
-                  p99_ms=float(row["p99_latency_ms"]), note=f"n={n}")
+    return Result(phase=name, rps=float(row["rps"]), requests=n,
+                  p50_ms=float(row["p50_latency_ms"]), p99_ms=float(row["p99_latency_ms"]),
+                  note=f"n={n}")
 
 
 def redis_bench_shards(engine: Engine, name: str, cmds: list[list[str]], pipeline: int,
@@ -615,9 +617,8 @@ def grab_evalsha(sha: str, k: Keys, tag: str) -> list[str]:
     codes and is refused as round_quota_exceeded / code collision, issuing nothing."""
     assert len(tag) == 5
     m = f"rb{tag}-__rand_int__"
-    return ["evalsha", sha, "9", k.campaign, k.round("R1"), k.stock, k.stats, k.member(m),
-            k.member_coupons(m), k.coupon(f"{tag}__rand_int__"), k.idempotency(m, "none"),
-            k.events, "R1", "V01", m, f"{tag}__rand_int__", "0", "86400"]
+    call = scripts.grab_call(k, "R1", "V01", m, f"{tag}__rand_int__", "", 86400)
+    return ["evalsha", sha, *map(str, scripts.flat(call))]
 
 
 def grab_lua_sha() -> tuple[str, str]:
@@ -639,10 +640,10 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     problems: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="coupon-bench-"))
-    scripts = {}
+    wrk_scripts = {}
     for name, text in (("plain", WRK_PLAIN), ("grab", WRK_GRAB), ("redeem", WRK_REDEEM)):
-        scripts[name] = tmp / f"{name}.lua"
-        scripts[name].write_text(text)
+        wrk_scripts[name] = tmp / f"{name}.lua"
+        wrk_scripts[name].write_text(text)
 
     def phase(name: str, url: str, script: str, wrk_args: list[str],
               conns: int | None = None) -> Result:
@@ -650,7 +651,7 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(reps):
             pids = [engine.proc.pid] if engine is not None else [p.pid for p in ceiling]
             cpu0, wrk0, (busy0, all0) = role_cpu(pids), children_cpu(), machine_jiffies()
-            runs.append(run_wrk(name, url, scripts[script], wrk_args, conns or c, threads, d))
+            runs.append(run_wrk(name, url, wrk_scripts[script], wrk_args, conns or c, threads, d))
             cpu1, wrk1, (busy1, all1) = role_cpu(pids), children_cpu(), machine_jiffies()
             n = runs[-1].requests
             if n:
@@ -687,7 +688,7 @@ def run(args: argparse.Namespace) -> int:
             external.start()
             print(f"  local Redis Cluster: 3 primaries, seed {external.url}", flush=True)
         elif args.redis_tcp:
-            from engine.embedded import EmbeddedRedis
+            from engine.store.embedded import EmbeddedRedis
             external = EmbeddedRedis(tmp / "redis-tcp", port=free_port())
             external.start()
             print(f"  external redis-server on {external.url}", flush=True)

@@ -23,11 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
-from engine import archiver, codes, keys, reconcile  # noqa: E402
 from engine import campaign as cmp  # noqa: E402
+from engine import codes  # noqa: E402
 from engine.campaign import Campaign, Round, Venue  # noqa: E402
-from engine.embedded import EmbeddedRedis  # noqa: E402
-from engine.ledger import Ledger  # noqa: E402
+from engine.ledger import (
+    Ledger,  # noqa: E402
+    archiver,  # noqa: E402
+    reconcile,  # noqa: E402
+)
+from engine.store import keys  # noqa: E402
+from engine.store.embedded import EmbeddedRedis  # noqa: E402
 
 BASE_MS = 1_734_660_000_000  # 2024-12-20T10:00:00+08:00
 VENUES = [f"V{i:02d}" for i in range(1, 11)]

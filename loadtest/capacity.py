@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     venues = [f"V{i:02d}" for i in range(1, a.venues + 1)]
     per, extra = divmod(a.stock, a.venues)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     text = campaign_toml(cid="capacity", venues=venues, budget_fen=10**12, rounds=[
         {"id": "R1", "opens": now - timedelta(minutes=1), "closes": now + timedelta(hours=1),
          "quota": 1, "stock": {v: per + (1 if i < extra else 0) for i, v in enumerate(venues)}}])

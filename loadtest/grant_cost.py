@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,11 +32,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support import campaign_toml  # noqa: E402
 
-from engine import codes, scripts  # noqa: E402
+from engine import codes  # noqa: E402
 from engine.campaign import parse_campaign  # noqa: E402
-from engine.embedded import EmbeddedRedis  # noqa: E402
-from engine.keys import Keys  # noqa: E402
-from engine.store import load_campaign  # noqa: E402
+from engine.store import (
+    load_campaign,  # noqa: E402
+    scripts,  # noqa: E402
+)
+from engine.store.embedded import EmbeddedRedis  # noqa: E402
+from engine.store.keys import Keys  # noqa: E402
 
 CID = "cost"
 
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     node = EmbeddedRedis(tmp / "redis")
     node.start({"auto-aof-rewrite-percentage": "0"})
     try:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         text = campaign_toml(cid=CID, venues=["V01"], campaign_quota=3, budget_fen=10**12,
                              rounds=[{"id": "R1", "opens": now - timedelta(minutes=1),
                                       "closes": now + timedelta(hours=2), "quota": 1,
@@ -91,13 +94,10 @@ def run(args: argparse.Namespace) -> int:
                 member = f"m{serial:0{args.member_len - 1}d}"
                 code = codes.new_code()
                 idem = str(uuid.uuid4()) if variant == "idem" else ""
-                ks = [k.campaign, k.round("R1"), k.stock, k.stats, k.member(member),
-                      k.member_coupons(member), k.coupon(code), k.idempotency(member, idem),
-                      k.events]
+                call = scripts.grab_call(k, "R1", "V01", member, code, idem, 86400)
                 if i == args.grants // 2:
-                    sample = ks[4:8] if idem else ks[4:7]
-                pipe.evalsha(sha, 9, *ks, "R1", "V01", member, code,
-                             "1" if idem else "0", "86400")
+                    sample = [str(x) for x in call[0][4:8 if idem else 7]]
+                pipe.evalsha(sha, *scripts.flat(call))
                 if len(pipe) >= 500 or i == args.grants - 1:
                     granted += sum(1 for rep in pipe.execute() if int(rep[0]) == 0)
             mem1 = int(r.info("memory")["used_memory"])

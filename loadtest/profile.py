@@ -22,8 +22,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (BIG_VENUES, SOLD_OUT_VENUE, WRK_GRAB, WRK_REDEEM, Engine,  # noqa: E402
-                   grant_then_codes, http_json, run_wrk, write_tokens)
+from bench import (  # noqa: E402
+    BIG_VENUES,
+    SOLD_OUT_VENUE,
+    WRK_GRAB,
+    WRK_REDEEM,
+    Engine,
+    grant_then_codes,
+    http_json,
+    run_wrk,
+    write_tokens,
+)
 from support import mint_member_token  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import json
 import socket
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 CST = timezone(timedelta(hours=8))
@@ -85,7 +85,7 @@ def smoke_campaign(opens_in_s: float, stock: int, n_venues: int, round_quota: in
     """One round opening `opens_in_s` from now, `stock` coupons spread over `n_venues`."""
     venues = [f"V{i:02d}" for i in range(1, n_venues + 1)]
     per, extra = divmod(stock, n_venues)
-    opens = datetime.now(timezone.utc) + timedelta(seconds=opens_in_s)
+    opens = datetime.now(UTC) + timedelta(seconds=opens_in_s)
     return campaign_toml(
         cid=f"smoke-{int(time.time())}", venues=venues,
         rounds=[{"id": "R1", "opens": opens, "closes": opens + timedelta(hours=1),

@@ -8,16 +8,15 @@
 --   5 member hash       cpn:{C}:member:<M>      (fields total, r:<R>)
 --   6 member list       cpn:{C}:mcoupons:<M>    (codes, newest first)
 --   7 coupon hash       cpn:{C}:coupon:<code>   (the new coupon)
---   8 idempotency key   cpn:{C}:idem:<M>:<key>  (unused when ARGV[5] = 0; when 1, the
---                       request's key is read back from this name, after ':idem:<M>:',
---                       for the grant event's 'idem' field)
+--   8 idempotency key   cpn:{C}:idem:<M>:<key>  (unused when ARGV[5] is '')
 --   9 event stream      cpn:{C}:events
 -- ARGV
 --   1 round id
 --   2 venue id
 --   3 member id
 --   4 new coupon code (canonical, 17 characters)
---   5 idempotency: 1 = KEYS[8] holds the request's key, 0 = no key
+--   5 the request's Idempotency-Key, '' for none (it goes into the grant event, field
+--     'idem', so that `coupon-engine restore` can rebuild the idempotency records)
 --   6 idempotency TTL in seconds (positive integer)
 -- RETURNS  {code, now_ms, ...}; now_ms is the Redis server's clock
 --   0 GRANTED             {0, now, code, issued_at_ms, valid_from_ms, valid_until_ms, remaining}
@@ -47,11 +46,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local round_id, venue_id, member_id, code = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local use_idem = ARGV[5]
+local idem_key = ARGV[5]
 local ttl = int_arg(ARGV[6])
-if use_idem ~= '0' and use_idem ~= '1' then
-  return {11, now, 'idempotency flag must be 0 or 1'}
+if type(idem_key) ~= 'string' or #idem_key > 64 then
+  return {11, now, 'idempotency key must be a string of at most 64 characters'}
 end
+local use_idem = idem_key ~= ''
 if not ttl or ttl < 1 then
   return {11, now, 'idempotency ttl must be a positive integer'}
 end
@@ -61,19 +61,9 @@ end
 if not member_id or member_id == '' then
   return {11, now, 'member id is empty'}
 end
--- The request's Idempotency-Key goes into the grant event (field 'idem', '' when
--- none) so that `coupon-engine restore` can rebuild the idempotency records.
-local idem_key = ''
-if use_idem == '1' then
-  local _, stop = string.find(KEYS[8], ':idem:' .. member_id .. ':', 1, true)
-  if not stop or stop == #KEYS[8] then
-    return {11, now, 'idempotency key name must end with :idem:<member>:<key>'}
-  end
-  idem_key = string.sub(KEYS[8], stop + 1)
-end
 
 local fingerprint = round_id .. '/' .. venue_id
-if use_idem == '1' then
+if use_idem then
   local prior = redis.call('GET', KEYS[8])
   if prior then
     local fp, pcode, pissued, pfrom, puntil =
@@ -128,7 +118,7 @@ remaining = redis.call('HINCRBY', KEYS[3], stock_field, -1)
 redis.call('HINCRBY', KEYS[4], 'issued:' .. stock_field, 1)
 redis.call('HINCRBY', KEYS[5], 'total', 1)
 redis.call('HINCRBY', KEYS[5], 'r:' .. round_id, 1)
-if use_idem == '1' then
+if use_idem then
   redis.call('SET', KEYS[8],
     fingerprint .. '|' .. code .. '|' .. now .. '|' .. r[4] .. '|' .. r[5], 'EX', ttl)
 end

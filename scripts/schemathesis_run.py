@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def main() -> int:
                COUPON_MEMBER_RATE="100000", COUPON_MEMBER_BURST="100000",
                COUPON_VENUE_BAD_CODE_LIMIT="1000000")
     camp = tmp / "campaign.toml"
-    camp.write_text(campaign(datetime.now(timezone.utc)), encoding="utf-8")
+    camp.write_text(campaign(datetime.now(UTC)), encoding="utf-8")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp / "serve.log").open("wb")

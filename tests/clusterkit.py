@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from engine.embedded import EmbeddedRedis, EmbeddedRedisError
+from engine.store.embedded import EmbeddedRedis, EmbeddedRedisError
 
 # Short enough that a primary killed for longer is marked failed quickly, long
 # enough that a loaded 2-core machine does not see false failures.

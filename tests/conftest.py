@@ -6,15 +6,23 @@ The tests flush only this server, which they started themselves.
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timedelta, timezone
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
-from engine.embedded import EmbeddedRedis
+from engine import campaign as cmp
+from engine.auth import mint_member_token
+from engine.config import Settings
+from engine.http.app import create_app
+from engine.store import load_campaign
+from engine.store.embedded import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +54,7 @@ def redis_now(url: str) -> datetime:
     c = redis.Redis.from_url(url)
     sec, usec = c.time()
     c.close()
-    return datetime.fromtimestamp(sec + usec / 1e6, tz=timezone.utc)
+    return datetime.fromtimestamp(sec + usec / 1e6, tz=UTC)
 
 
 def iso(dt: datetime) -> str:
@@ -89,15 +97,6 @@ def write_campaign(tmp_path: Path):
 
 # --- an in-process engine against the session's redis-server -----------------
 
-from dataclasses import dataclass, field as dc_field  # noqa: E402
-
-from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
-
-from engine import campaign as cmp  # noqa: E402
-from engine.app import create_app  # noqa: E402
-from engine.auth import mint_member_token  # noqa: E402
-from engine.config import Settings  # noqa: E402
-from engine.store import load_campaign  # noqa: E402
 
 SECRET = "test-member-secret-0123456789abcdef"
 ADMIN = "test-admin-token"

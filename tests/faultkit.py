@@ -33,17 +33,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import aiohttp
 import redis
 
-from engine import keys as K
 from engine.auth import mint_member_token
-from engine.embedded import EmbeddedRedis
+from engine.store import keys as K
+from engine.store.embedded import EmbeddedRedis
 
 CLI = [sys.executable, "-m", "engine.cli"]
 SECRET = "fault-member-secret-0123456789abcdef0123"
@@ -154,8 +155,10 @@ class Serve:
                "--workers", str(workers), *args]
         if campaign is not None:
             cmd += ["--campaign", str(campaign)]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        # The child keeps its own descriptor of the log; ours closes at once.
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT)
         self._known: set[int] = set()
 
     @property
@@ -295,7 +298,7 @@ async def grab_until_answered(http: aiohttp.ClientSession, base: str, g: GrabLog
         t0 = time.monotonic()
         try:
             status, body = await post_grab(http, base, g, timeout)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             g.latencies.append(time.monotonic() - t0)
             g.failures.append(type(exc).__name__)
             await asyncio.sleep(pause)
@@ -551,8 +554,9 @@ class FsyncTracer:
             cmd += ["-e", f"inject=fdatasync:delay_enter={delay_us}"]
         cmd += ["-p", str(redis_pid(server))]
         self.err = out.with_suffix(".err")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self.err.open("wb"))
+        with self.err.open("wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 10
         pid = redis_pid(server)
         while f"Process {pid} attached" not in self.err.read_text(errors="replace"):

@@ -21,19 +21,19 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import jwt
 import pytest
 from aiohttp import web
+from conftest import ADMIN, SECRET, campaign_toml, open_round, redis_now
 
 from engine import codes
-from engine.handlers import add_routes
-
-from conftest import ADMIN, SECRET, campaign_toml, open_round, redis_now
+from engine.http.handlers import add_routes
 
 C = "cpn:{test-c}"
 
@@ -439,7 +439,8 @@ async def test_unicode_venue_ids_in_bodies_are_400(world: World) -> None:
 
 async def test_unicode_codes_in_paths_and_bodies_are_coupon_not_found(world: World) -> None:
     w, member = world, world.e.member("holder")
-    wide = w.issued.translate({ord(c): ord(c) + 0xFEE0 for c in "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"})
+    wide = w.issued.translate({ord(c): ord(c) + 0xFEE0
+                               for c in "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"})
     for text in [wide, "雪" * 17, w.issued + "\u200b", w.issued.replace("-", "\u2010"),
                  w.issued + "\n\n"]:
         p = quote(text, safe="")

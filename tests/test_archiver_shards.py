@@ -11,18 +11,21 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
-
-from engine import archiver, codes, keys, restore, shards
-from engine import campaign as cmp
-from engine.ledger import EventRow, Ledger, event_id_key, ledger_event_id
 from test_ledger import BASE_MS, make_campaign
 from test_restore import run_restore
+
+from engine import campaign as cmp
+from engine import codes, shards
+from engine.ledger import archiver, restore
+from engine.ledger.db import EventRow, Ledger, event_id_key, ledger_event_id
+from engine.store import keys, streams
 
 ROOT = Path(__file__).resolve().parent.parent
 S = 3
@@ -148,7 +151,7 @@ async def test_crash_mid_shard_then_rerun_duplicates_nothing(
     world.seed({0: 6, 1: 40, 2: 30})
     assert len(world.expected[0]) == 10
     script = ("import asyncio, sys, redis.asyncio as r\n"
-              "from engine import archiver\nfrom engine.ledger import Ledger\n"
+              "from engine.ledger import archiver\nfrom engine.ledger import Ledger\n"
               "async def main():\n"
               "    c = r.Redis.from_url(sys.argv[1], decode_responses=True)\n"
               "    await archiver.archive_once(c, Ledger(sys.argv[2]), batch=25,"
@@ -170,7 +173,7 @@ async def test_crash_mid_shard_then_rerun_duplicates_nothing(
         assert len(got) == len(set(got)) == len(expected)
         assert set(got) == set(expected)
     assert await _pending(aredis, world) == [0, 0, 0]
-    assert await archiver.lag(aredis, world.c.id) == 0
+    assert await streams.lag(aredis, world.c.id) == 0
 
 
 async def test_lag_sums_over_shards_and_reaches_zero(
@@ -178,18 +181,18 @@ async def test_lag_sums_over_shards_and_reaches_zero(
     world.seed({0: 2, 1: 3, 2: 4})
     n = [len(world.expected[s]) for s in range(S)]
     # No consumer group yet: everything in the streams is lag.
-    assert await archiver.lag(aredis, world.c.id) == sum(n)
+    assert await streams.lag(aredis, world.c.id) == sum(n)
     with Ledger(tmp_path / "l.sqlite3") as led:
         await archiver.archive_once(aredis, led)
-        assert await archiver.lag(aredis, world.c.id) == 0
+        assert await streams.lag(aredis, world.c.id) == 0
         world.seed({1: 1, 2: 3}, tag="more")
         added = len(world.all_expected()) - sum(n)
-        assert await archiver.lag(aredis, world.c.id) == added
+        assert await streams.lag(aredis, world.c.id) == added
         # Delivered but not acknowledged still counts: it is not in the ledger yet.
         await aredis.xreadgroup(archiver.GROUP, "someone", {world.stream(2): ">"}, count=2)
-        assert await archiver.lag(aredis, world.c.id) == added
+        assert await streams.lag(aredis, world.c.id) == added
         await archiver.archive_once(aredis, led, min_idle_ms=0)
-        assert await archiver.lag(aredis, world.c.id) == 0
+        assert await streams.lag(aredis, world.c.id) == 0
         assert led.event_count() == len(world.all_expected())
 
 

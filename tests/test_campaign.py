@@ -3,13 +3,11 @@
 from datetime import timedelta
 
 import pytest
+from conftest import campaign_toml, open_round, redis_now
 
 from engine import campaign as cmp
 from engine.cli import main
-from engine import keys
-from engine.store import active_campaign, load_campaign
-
-from conftest import campaign_toml, open_round, redis_now
+from engine.store import active_campaign, keys, load_campaign
 
 
 def _base(url: str, **kw):

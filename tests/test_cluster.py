@@ -12,27 +12,27 @@ import contextlib
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
+import conftest
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-
 from clusterkit import LocalCluster
-import conftest
 from conftest import ADMIN, SECRET, campaign_toml
-from engine import archiver, cli, keys, scripts, shards
+
 from engine import campaign as cmp
-from engine.app import create_app
+from engine import cli, shards
 from engine.auth import mint_member_token
-from engine.clusterwire import ClusterWire, CrossSlotError, slot_of
 from engine.config import Settings
-from engine.handlers import ENGINE
-from engine.wire import framed
-from engine.ledger import Ledger
-from engine.redisconn import open_client
-from engine.store import Store, check_safety, load_campaign
-from engine.wire import Address, ReplyError
+from engine.http.app import create_app
+from engine.http.handlers import ENGINE
+from engine.ledger import Ledger, archiver
+from engine.store import Store, check_safety, keys, load_campaign, scripts, streams
+from engine.store.clusterwire import ClusterWire, CrossSlotError, slot_of
+from engine.store.connection import open_client
+from engine.store.wire import Address, ReplyError, framed
 
 CID = "snow-cl"
 K = keys.Keys(CID)
@@ -72,11 +72,11 @@ def crossslot_errors(cluster: LocalCluster) -> int:
     return total
 
 
-def redis_now(cluster: LocalCluster) -> "object":
-    from datetime import datetime, timezone
+def redis_now(cluster: LocalCluster) -> object:
+    from datetime import datetime
     with cluster.client(cluster.owner_of(K.campaign)) as c:
         sec, usec = c.time()
-    return datetime.fromtimestamp(sec + usec / 1e6, tz=timezone.utc)
+    return datetime.fromtimestamp(sec + usec / 1e6, tz=UTC)
 
 
 def campaign_text(cluster: LocalCluster, stock: dict[str, int], quota: int = 1,
@@ -217,8 +217,8 @@ async def test_idempotent_replay_redeem_once_void_and_every_route(
         statuses = Counter(x.status for x in resps)
         assert statuses == Counter({200: 1, 409: 19})
         canonical = code.replace("-", "")
-        assert (await r.hget(store.code_keys(canonical).coupon(canonical), "status")) == \
-            "redeemed"
+        where = store.shard_keys[store.code_shard(canonical)].coupon(canonical)
+        assert (await r.hget(where, "status")) == "redeemed"
 
         # The rest of the API, so that every Redis call the engine makes runs once.
         st, second = await grab(http, "alice", "V02", "tap-2")
@@ -270,7 +270,7 @@ async def test_ledger_drains_the_stream_and_equals_redis(
             n = await archiver.archive_once(r, ledger)
             assert n == 65
             assert await archiver.archive_once(r, ledger) == 0  # each event once
-            assert await archiver.lag(r, CID) == 0
+            assert await streams.lag(r, CID) == 0
             rows = ledger.coupons_by_code(codes_)
             for code in codes_:
                 rec = await r.hgetall(K.coupon(code))
@@ -362,8 +362,8 @@ def test_serve_with_redis_cluster_needs_a_url(tmp_path: Path,
     assert cli.main(["serve", "--redis-cluster", "--data-dir", str(tmp_path)]) == 2
     assert "--redis-cluster needs --redis-url" in capsys.readouterr().err
     f = tmp_path / "c.toml"
-    from datetime import datetime, timedelta, timezone
-    opens = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    from datetime import datetime, timedelta
+    opens = datetime(2030, 1, 1, tzinfo=UTC)
     f.write_text(campaign_toml(cid=CID, rounds=[
         {"id": "R1", "opens": opens, "closes": opens + timedelta(hours=1),
          "stock": {"V01": 1}}]), encoding="utf-8")
@@ -651,7 +651,7 @@ async def test_sigkill_of_a_shard_primary_mid_burst_keeps_the_sharded_invariants
         ids = members_of(0, 100) + members_of(1, 50) + members_of(2, 50)
         final = await burst_with_a_kill(http, cluster, victim, ids, stock, kill_after=30)
         store = http.server.app[ENGINE].store
-        await store.sweep_transfers(grace_ms=0)
+        await store.transfers.sweep(grace_ms=0)
         granted = {m: body["coupon"]["code"].replace("-", "")
                    for m, (st, body) in final.items() if st == 201}
         assert len(granted) == stock
@@ -663,7 +663,7 @@ async def test_sigkill_of_a_shard_primary_mid_burst_keeps_the_sharded_invariants
         with Ledger(tmp_path / "ledger.sqlite3") as ledger:
             assert await archiver.archive_once(r, ledger) == stock
             assert await archiver.archive_once(r, ledger) == 0
-            assert await archiver.lag(r, cid) == 0
+            assert await streams.lag(r, cid) == 0
             rows = ledger.coupons_by_code(granted.values())
             assert {code: row.member_id for code, row in rows.items()} == {
                 code: m for m, code in granted.items()}
@@ -688,7 +688,8 @@ def test_serve_on_the_cluster_end_to_end(cluster: LocalCluster, cluster_url: str
     # A plain seed URL: the environment says it is a cluster.
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--redis-url", cluster.seed_url,
            "--campaign", str(f), "--port", str(port), "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=env, stderr=(tmp_path / "serve.log").open("wb"))
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stderr=log)
     try:
         wait_ready(base, proc, timeout=40)
         codes_ = []
@@ -719,7 +720,7 @@ def test_serve_on_the_cluster_end_to_end(cluster: LocalCluster, cluster_url: str
 
 def test_cluster_is_named_by_flag_environment_or_url_scheme() -> None:
     from engine.config import from_env
-    from engine.redisconn import is_cluster_url, plain_url
+    from engine.store.connection import is_cluster_url, plain_url
     assert from_env({"COUPON_REDIS_CLUSTER": "1"}).redis_cluster
     assert not from_env({}).redis_cluster
     assert Settings(redis_url="redis+cluster://10.0.0.5:7000").cluster

@@ -5,18 +5,17 @@ data from a real Prometheus scraping ``serve --workers 2``."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from test_metrics import declared_names, drive_traffic, free_port, serve_workers
 
 DASH = Path(__file__).resolve().parent.parent / "dashboards"
@@ -124,7 +123,8 @@ def prom_query(base: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None and not os.environ.get("CI"), reason="prometheus is not installed")
+@pytest.mark.skipif(shutil.which("prometheus") is None and not os.environ.get("CI"),
+                    reason="prometheus is not installed")
 def test_every_panel_has_data_in_a_real_prometheus(tmp_path: Path, redis_url: str) -> None:
     with serve_workers(tmp_path, redis_url) as eng:
         prom_port = free_port()

@@ -7,7 +7,6 @@ import time
 from datetime import timedelta
 
 import redis.asyncio as aioredis
-
 from conftest import campaign_toml, open_round, redis_now
 
 
@@ -96,7 +95,7 @@ async def test_background_loops_end_on_stop_even_without_a_cancellation(
         make_engine, redis_url) -> None:
     """A client library can swallow a cancellation that races its own timeout; the
     shutdown must not depend on it: stop() alone ends the poller within one poll."""
-    from engine.handlers import ENGINE
+    from engine.http.handlers import ENGINE
     e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
     engine = e.client.server.app[ENGINE]
     poller = asyncio.create_task(engine.poll_forever())

@@ -20,20 +20,20 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import pytest
 import redis
 
-from engine.embedded import EmbeddedRedis, EmbeddedRedisError
+from engine.store.embedded import EmbeddedRedis, EmbeddedRedisError
 
 pytest.register_assert_rewrite("faultkit")
 import faultkit as fk  # noqa: E402
-from conftest import campaign_toml, open_round, redis_now
+from conftest import campaign_toml, open_round, redis_now  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -366,7 +366,7 @@ async def test_redis_unreachable_then_back(lab: Lab, rng: random.Random) -> None
             t0 = time.monotonic()
             try:
                 answers = await asyncio.gather(*[once(g) for g in group])
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise AssertionError(f"requests to a lost Redis still waiting after "
                                      f"{bound + 3}s") from None
             total = time.monotonic() - t0

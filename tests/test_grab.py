@@ -7,7 +7,6 @@ import asyncio
 from datetime import timedelta
 
 import jwt
-
 from conftest import SECRET, campaign_toml, open_round, redis_now
 
 

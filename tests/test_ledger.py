@@ -7,25 +7,26 @@ import os
 import signal
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
-
 from conftest import campaign_toml
-from engine import archiver, codes, keys
+
 from engine import campaign as cmp
+from engine import codes
 from engine.campaign import Campaign
-from engine.ledger import Ledger
+from engine.ledger import Ledger, archiver
+from engine.store import keys, streams
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_MS = int(datetime(2024, 12, 20, 10, 0, tzinfo=timezone.utc).timestamp() * 1000)
+BASE_MS = int(datetime(2024, 12, 20, 10, 0, tzinfo=UTC).timestamp() * 1000)
 
 
 def make_campaign(venues: tuple[str, ...] = ("V01", "V02", "V03"), stock: int = 5000) -> Campaign:
-    opens = datetime(2024, 12, 20, 2, 0, tzinfo=timezone.utc)
+    opens = datetime(2024, 12, 20, 2, 0, tzinfo=UTC)
     rounds = [{"id": "R1", "opens": opens, "closes": opens + timedelta(hours=12),
                "stock": {v: stock for v in venues}},
               {"id": "R2", "opens": opens + timedelta(days=1),
@@ -70,7 +71,8 @@ class World:
     def void(self, code: str, at: int, restocked: int = 1) -> None:
         self._event("void", code, at, restocked=restocked)
         rv = f"{self.coupons[code]['round']}:{self.coupons[code]['venue']}"
-        self.pipe.hincrby(self.k.stats, f"{'returned_open' if restocked else 'returned_closed'}:{rv}", 1)
+        returned = "returned_open" if restocked else "returned_closed"
+        self.pipe.hincrby(self.k.stats, f"{returned}:{rv}", 1)
 
     def flush(self) -> None:
         self.pipe.execute()
@@ -109,7 +111,7 @@ async def test_archive_once_moves_everything_once(world: World, aredis: aioredis
         assert await archiver.archive_once(aredis, led, batch=64) == len(ids)
         assert sorted(led.event_ids()) == sorted(ids)
         assert await archiver.archive_once(aredis, led) == 0
-        assert await archiver.lag(aredis, world.c.id) == 0
+        assert await streams.lag(aredis, world.c.id) == 0
         # Archived and acknowledged entries are trimmed away.
         assert await aredis.xlen(world.k.events) == 0
         statuses = dict(led.db.execute("SELECT status, count(*) FROM coupons GROUP BY status"))
@@ -137,7 +139,7 @@ def _run_cli_archive(url: str, data_dir: Path, crash: str | None) -> int:
     env.pop("COUPON_ARCHIVER_CRASH_POINT", None)
     if crash:
         env["COUPON_ARCHIVER_CRASH_POINT"] = crash
-    p = subprocess.run([sys.executable, "-m", "engine.cli_ledger", "archive", "--redis-url", url,
+    p = subprocess.run([sys.executable, "-m", "engine.ledger.cli", "archive", "--redis-url", url,
                         "--data-dir", str(data_dir)], env=env, cwd=ROOT, capture_output=True,
                        timeout=60)
     return p.returncode
@@ -173,7 +175,7 @@ async def test_sigkill_mid_archive_loses_and_duplicates_nothing(
         grants = led.db.execute("SELECT count(*) FROM coupons").fetchone()[0]
         assert grants == 1810
     assert (await aredis.xpending(world.k.events, archiver.GROUP))["pending"] == 0
-    assert await archiver.lag(aredis, world.c.id) == 0
+    assert await streams.lag(aredis, world.c.id) == 0
 
 
 async def test_dead_consumers_batch_is_claimed(world: World, aredis: aioredis.Redis,
@@ -181,7 +183,7 @@ async def test_dead_consumers_batch_is_claimed(world: World, aredis: aioredis.Re
     seed(world, 60)
     ids = world.stream_ids()
     script = ("import asyncio, sys, redis.asyncio as r\n"
-              "from engine import archiver\nfrom engine.ledger import Ledger\n"
+              "from engine.ledger import archiver\nfrom engine.ledger import Ledger\n"
               "async def main():\n"
               "    c = r.Redis.from_url(sys.argv[1], decode_responses=True)\n"
               "    await archiver.archive_once(c, Ledger(sys.argv[2]), 'dead-one', batch=25,"

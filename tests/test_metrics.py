@@ -13,15 +13,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from conftest import ADMIN, SECRET, campaign_toml, open_round
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ADMIN, SECRET, campaign_toml, open_round
 from engine import campaign as cmp
 from engine.auth import mint_member_token
 from engine.config import Settings
@@ -120,7 +120,8 @@ async def test_polled_gauges_follow_redis(make_engine, redis_url: str) -> None:
     assert s[("coupon_ledger_lag_events", ())] == 1
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None and not os.environ.get("CI"), reason="promtool is not installed")
+@pytest.mark.skipif(shutil.which("promtool") is None and not os.environ.get("CI"),
+                    reason="promtool is not installed")
 async def test_promtool_accepts_the_scrape(make_engine, redis_url: str) -> None:
     eng = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
     await eng.client.post("/v1/rounds/R1/grab", json={"venue_id": "V01"},
@@ -187,10 +188,10 @@ def serve_workers(tmp_path: Path, redis_url: str, workers: int = 2) -> Iterator[
                COUPON_MEMBER_RATE="1000", COUPON_MEMBER_BURST="1000")
     # A file, not a pipe: nobody reads the log while the test runs, and a full pipe
     # would block the engine.
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", str(workers),
-                             "--redis-url", redis_url, "--campaign", str(camp)],
-                            env=env, stderr=log)
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", str(workers),
+                                 "--redis-url", redis_url, "--campaign", str(camp)],
+                                env=env, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -212,7 +213,6 @@ def serve_workers(tmp_path: Path, redis_url: str, workers: int = 2) -> Iterator[
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-        log.close()
 
 
 def drive_traffic(eng: Served) -> dict[str, int]:

@@ -8,15 +8,16 @@ from datetime import timedelta
 
 import msgspec
 import redis
-from hypothesis import HealthCheck, settings, strategies as st
+from conftest import campaign_toml, redis_now
+from grab_model import GrabModel
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from engine import campaign as cmp
-from engine import codes, keys, scripts
-from engine.domain import GrabModel
-from engine.scripts import GrabOutcome
-
-from conftest import campaign_toml, redis_now
+from engine import codes
+from engine.store import keys, scripts
+from engine.store.scripts import GrabOutcome
 
 MEMBERS = st.sampled_from([f"m{i}" for i in range(6)])
 ROUNDS = st.sampled_from(["R_past", "R_open", "R_soon", "R_nope"])
@@ -65,12 +66,9 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
         def grab(self, member: str, round_id: str, venue: str, key: str | None) -> None:
             code = codes.new_code()
             k = self.k
-            reply = self.script(
-                keys=[k.campaign, k.round(round_id), k.stock, k.stats, k.member(member),
-                      k.member_coupons(member), k.coupon(code), k.idempotency(member, key or ""),
-                      k.events],
-                args=[round_id, venue, member, code, "1" if key else "0", 86400])
-            got = scripts.outcome("grab", int(reply[0]))
+            keys_, argv = scripts.grab_call(k, round_id, venue, member, code, key or "", 86400)
+            reply = self.script(keys=keys_, args=argv)
+            got = scripts.outcome(scripts.GrabOutcome, int(reply[0]))
             want = self.model.grab(member, round_id, venue, self.now_ms(), key)
             assert got == want, (member, round_id, venue, key)
 

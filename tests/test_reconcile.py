@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import redis
 import redis.asyncio as aioredis
-
 from conftest import campaign_toml, redis_now
-from engine import archiver, cli_ledger, codes, reconcile, store
-from engine import campaign as cmp
-from engine.config import Settings
-from engine.ledger import Ledger
-from engine.scripts import RedeemOutcome
 from test_ledger import BASE_MS, World, make_campaign, seed
+
+from engine import campaign as cmp
+from engine import codes, store
+from engine.config import Settings
+from engine.ledger import Ledger, archiver, reconcile
+from engine.ledger import cli as cli_ledger
+from engine.store.scripts import RedeemOutcome
 
 TZ = ZoneInfo("Asia/Shanghai")
 
 
 def iso(ms: int, naive: bool = False) -> str:
-    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc).astimezone(TZ)
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(TZ)
     if naive:
         return dt.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S")
     return dt.isoformat()

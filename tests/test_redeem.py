@@ -7,10 +7,9 @@ import random
 from datetime import timedelta
 
 import pytest
+from conftest import campaign_toml, open_round, redis_now
 
 from engine import codes
-
-from conftest import campaign_toml, open_round, redis_now
 
 
 async def grab(e, member: str, venue: str = "V01") -> str:
@@ -198,9 +197,8 @@ async def test_revoked_venue_key(make_engine, redis_url) -> None:
 async def test_qr_svg_decodes_to_the_code(make_engine, redis_url) -> None:
     import io
 
-    import zxingcpp
-
     import segno
+    import zxingcpp
     from PIL import Image
     e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
     code = await grab(e, "m")
@@ -208,7 +206,7 @@ async def test_qr_svg_decodes_to_the_code(make_engine, redis_url) -> None:
     assert resp.status == 200 and resp.content_type == "image/svg+xml"
     svg = await resp.read()
     assert svg.startswith(b"<?xml") and b"<svg" in svg
-    from engine import qr
+    from engine.http import qr
     assert svg == qr.svg(code)  # segno is deterministic: the served SVG is this symbol
     # Render the same symbol segno drew for the SVG and read it back like a scanner.
     buf = io.BytesIO()
@@ -243,13 +241,13 @@ async def test_invariant_after_random_mix(make_engine, redis_url) -> None:
             hm, hv, code = rng.choice(held)
             await redeem(e, rng.choice([hv, "V01"]), code)
 
-    for batch in range(10):
+    for _ in range(10):
         await asyncio.gather(*[act(i) for i in range(30)])
     st = await e.redis.hgetall("cpn:{test-c}:stats")
     sk = await e.redis.hgetall("cpn:{test-c}:stock")
     for v, initial in stock.items():
         line = f"R1:{v}"
-        g = lambda k: int(st.get(f"{k}:{line}", 0))  # noqa: E731
+        g = lambda k, line=line: int(st.get(f"{k}:{line}", 0))  # noqa: E731
         assert int(sk[line]) == initial - g("issued") + g("returned_open")
         assert g("redeemed") <= g("issued") - g("void")
         assert int(sk[line]) >= 0
@@ -278,7 +276,7 @@ async def test_a_venue_redeems_concurrently_within_its_budget(make_engine, redis
     """A venue's code checks are not serialised per worker: as many run at once as its
     unknown-code budget has room for (a per-venue lock held it at one, so each
     redemption reached Redis alone), and never more, so the budget stays exact."""
-    from engine.handlers import ENGINE
+    from engine.http.handlers import ENGINE
     now = redis_now(redis_url)
     rounds = [open_round(redis_url, stock={"V01": 20}, valid_from=now - timedelta(hours=1),
                          valid_until=now + timedelta(days=1))]

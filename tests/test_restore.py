@@ -16,16 +16,17 @@ import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-
 from conftest import campaign_toml, redis_now
-from engine import archiver, codes, keys, restore
+
 from engine import campaign as cmp
-from engine.ledger import EventRow, Ledger
+from engine import codes
+from engine.ledger import EventRow, Ledger, archiver, restore
+from engine.store import keys, streams
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOSE_S = 2.5          # round R1 closes this long after the campaign is written
@@ -166,7 +167,7 @@ async def run_traffic(make_engine, redis_url: str, aredis: aioredis.Redis, tmp_p
     assert await granted(e, "m1", "V01", "R1", key="k-m1-a") == c["m1a"]      # replay
     c["m1b"] = await granted(e, "m1", "V02", "R1")                             # no key
     c["m2a"] = await granted(e, "m2", "V01", "R1", key="tap")
-    c["m3a"] = await granted(e, "m3", "V01", "R1", key="tap")                  # same key, other member
+    c["m3a"] = await granted(e, "m3", "V01", "R1", key="tap")  # same key, other member
     c["m4a"] = await granted(e, "m4", "V02", "R1")
     c["m5a"] = await granted(e, "m5", "V01", "R1", key="k5")
     c["m4b"] = await granted(e, "m4", "V01", "R1", key="k4:with:colons")
@@ -179,7 +180,7 @@ async def run_traffic(make_engine, redis_url: str, aredis: aioredis.Redis, tmp_p
         assert (await void(e, "m5", c["m5a"]))["coupon"]["status"] == "void"  # closed: counted only
         assert (await void(e, "m4", c["m4a"]))["coupon"]["status"] == "void"
         # Round R2, open now.
-        c["m1c"] = await granted(e, "m1", "V03", "R2", key="k-m1-c")           # m1 at campaign quota
+        c["m1c"] = await granted(e, "m1", "V03", "R2", key="k-m1-c")  # m1 at campaign quota
         c["m2b"] = await granted(e, "m2", "V02", "R2", key="r2")
         c["m2c"] = await granted(e, "m2", "V03", "R2")                         # m2 at round quota
         c["m3b"] = await granted(e, "m3", "V02", "R2")                         # V02 sold out
@@ -256,16 +257,17 @@ async def test_restore_after_total_loss_rebuilds_exactly_and_keeps_trading(
         assert await archiver.archive_once(aredis, led) == len(new) + 1
         ids = led.event_ids(s.campaign.id)
         assert len(ids) == len(set(ids)) == s.archived + len(new) + 1
+        marks = ",".join("?" * len(new))
         fresh = [r[0] for r in led.db.execute(
-            "SELECT event_id FROM events WHERE code IN (%s) OR (code = ? AND type = 'redeem')"
-            % ",".join("?" * len(new)), [codes.normalize(x) for x in new] + [
-                codes.normalize(c["m4b"])])]
+            f"SELECT event_id FROM events WHERE code IN ({marks})"
+            " OR (code = ? AND type = 'redeem')",
+            [codes.normalize(x) for x in new] + [codes.normalize(c["m4b"])])]
         assert len(fresh) == len(new) + 1
         assert all(_id(x) > _id(last_before) for x in fresh)
         grants = led.db.execute("SELECT count(*), count(DISTINCT code) FROM events"
                                 " WHERE type = 'grant'").fetchone()
         assert grants == (12 + len(new), 12 + len(new))
-    assert await archiver.lag(aredis, s.campaign.id) == 0
+    assert await streams.lag(aredis, s.campaign.id) == 0
 
 
 def _by_shard_field(snap: dict[str, tuple], prefix: str) -> dict[str, int]:
@@ -327,7 +329,7 @@ async def test_restore_of_a_sharded_campaign_rebuilds_every_shard_and_keeps_trad
         assert await archiver.archive_once(aredis, led) == len(new)
         ids = led.event_ids(s.campaign.id)
         assert len(ids) == len(set(ids)) == s.archived + len(new)
-    assert await archiver.lag(aredis, s.campaign.id) == 0
+    assert await streams.lag(aredis, s.campaign.id) == 0
 
 
 def _id(event_id: str) -> tuple[int, int]:
@@ -427,8 +429,8 @@ async def test_grant_events_carry_the_idempotency_key(make_engine, redis_url: st
 
 
 def _campaign() -> cmp.Campaign:
-    from datetime import datetime, timezone
-    t0 = datetime(2024, 12, 20, 2, 0, tzinfo=timezone.utc)
+    from datetime import datetime
+    t0 = datetime(2024, 12, 20, 2, 0, tzinfo=UTC)
     return cmp.parse_campaign(campaign_toml(cid="u", quota=3, rounds=[
         {"id": "R1", "opens": t0, "closes": t0 + timedelta(hours=1), "quota": 2,
          "stock": {"V01": 3, "V02": 1}}]))

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from engine import scripts
+from engine.store import scripts
 
 
 @pytest.mark.parametrize("name", sorted(scripts.OUTCOMES))
@@ -35,4 +35,4 @@ def test_header_lists_keys_and_argv(name: str) -> None:
 
 def test_unknown_code_is_an_explicit_error() -> None:
     with pytest.raises(scripts.UnknownScriptReply):
-        scripts.outcome("grab", 99)
+        scripts.outcome(scripts.GrabOutcome, 99)

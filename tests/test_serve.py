@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from engine.embedded import EmbeddedRedis
+from engine.store.embedded import EmbeddedRedis
 
 CLI = [sys.executable, "-m", "engine.cli"]
 
@@ -62,8 +62,9 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     env = env_for(data)
     # Logs go to a file: an unread pipe fills up and blocks the engine.
-    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2"], env=env,
-                            stderr=(tmp_path / "serve.log").open("wb"))
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2"], env=env,
+                                stderr=log)
     try:
         wait_ready(base, proc)
         sock = data / "redis" / "redis.sock"
@@ -131,8 +132,9 @@ def test_serve_archives_into_the_ledger_and_reconciles(tmp_path: Path) -> None:
         probe.stop()
     camp = tmp_path / "c.toml"
     camp.write_text(text, encoding="utf-8")
-    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--campaign", str(camp)],
-                            env=env, stderr=(tmp_path / "serve.log").open("wb"))
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--campaign", str(camp)],
+                                env=env, stderr=log)
     try:
         wait_ready(base, proc)
         run = lambda *a: subprocess.run([*CLI, *a], env=env, check=True,  # noqa: E731
@@ -172,11 +174,10 @@ async def test_serve_refuses_an_empty_redis_that_the_ledger_knows(
         make_engine, redis_url: str, tmp_path: Path, write_campaign) -> None:
     """Redis lost everything, the ledger did not: loading would sell the stock twice."""
     import pytest
-
     from conftest import campaign_toml, open_round
-    from engine import archiver
+
     from engine.config import Settings
-    from engine.ledger import Ledger
+    from engine.ledger import Ledger, archiver
     from engine.server import ServeError, prepare
 
     text = campaign_toml(rounds=[open_round(redis_url)])

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import pytest
-
 import conftest
+import pytest
 from conftest import campaign_toml, open_round, redis_now
+
 from engine import campaign as cmp
-from engine import keys, shards
+from engine import shards
 from engine.config import Settings
-from engine.store import Store, load_campaign, shard_count
+from engine.store import Store, keys, load_campaign, shard_count
 
 S = 3
 
@@ -128,7 +128,7 @@ async def test_update_of_an_unopened_round_moves_each_share_once(aredis, redis_u
     c2 = cmp.parse_campaign(campaign_toml(rounds=[{**future, "stock": {"V01": 14}}]))
     # A crash after the other shards took the update and before shard 0 did: the
     # next load must finish shard 0 without applying shards 1 and 2 twice.
-    from engine.store import _load_other_shards
+    from engine.store.loading import _load_other_shards
     plan = cmp.plan_update(c1, c2, 0)
     await _load_other_shards(aredis, c1, c2, plan, S)
     await load_campaign(aredis, c2, S)
@@ -152,16 +152,16 @@ async def sharded_store(aredis, redis_url, stock: int = 9) -> Store:
 async def test_transfer_moves_half_and_is_credited_once(aredis, redis_url) -> None:
     store = await sharded_store(aredis, redis_url)
     try:
-        t = await store.take_from(1, 0, "R1:V01")
+        t = await store.transfers.take_from(1, 0, "R1:V01")
         assert t is not None and t.units == 2  # half of 3, rounded up
         # Taken, not yet credited: in flight, journaled in the donor.
         assert [x["R1:V01"] for x in await store.stock_by_shard()] == [3, 1, 3]
-        pending = await store.pending_transfers()
+        pending = await store.transfers.pending()
         assert [p.id for p, _ in pending] == [t.id]
-        assert await store.credit(t) is True
-        assert await store.credit(t) is False  # a second delivery changes nothing
+        assert await store.transfers.credit(t) is True
+        assert await store.transfers.credit(t) is False  # a second delivery changes nothing
         assert [x["R1:V01"] for x in await store.stock_by_shard()] == [5, 1, 3]
-        assert await store.pending_transfers() == []
+        assert await store.transfers.pending() == []
         await assert_shard_invariants(aredis, store.campaign.id)
     finally:
         await store.wire.close()
@@ -170,15 +170,15 @@ async def test_transfer_moves_half_and_is_credited_once(aredis, redis_url) -> No
 async def test_sweeper_finishes_a_transfer_whose_worker_died(aredis, redis_url) -> None:
     store = await sharded_store(aredis, redis_url)
     try:
-        t = await store.take_from(2, 0, "R1:V01")  # and the worker dies here
+        t = await store.transfers.take_from(2, 0, "R1:V01")  # and the worker dies here
         assert t is not None
-        assert await store.sweep_transfers() == 0  # younger than the grace: left alone
+        assert await store.transfers.sweep() == 0  # younger than the grace: left alone
         assert sum(x["R1:V01"] for x in await store.stock_by_shard()) == 9 - t.units
-        assert await store.sweep_transfers(grace_ms=0) == 1
-        assert await store.sweep_transfers(grace_ms=0) == 0
+        assert await store.transfers.sweep(grace_ms=0) == 1
+        assert await store.transfers.sweep(grace_ms=0) == 0
         assert sum(x["R1:V01"] for x in await store.stock_by_shard()) == 9
         # The worker comes back late and delivers its transfer: no double credit.
-        assert await store.credit(t) is False
+        assert await store.transfers.credit(t) is False
         assert [x["R1:V01"] for x in await store.stock_by_shard()] == [3 + t.units, 3, 3 - t.units]
         await assert_shard_invariants(aredis, store.campaign.id)
     finally:
@@ -189,14 +189,14 @@ async def test_sweeper_after_credit_but_before_the_journal_entry_was_dropped(
         aredis, redis_url) -> None:
     store = await sharded_store(aredis, redis_url)
     try:
-        t = await store.take_from(1, 2, "R1:V01")
+        t = await store.transfers.take_from(1, 2, "R1:V01")
         assert t is not None
         k = keys.Keys(store.campaign.id, 2)
         # Step 2 ran, the worker died before dropping the donor's entry.
-        await aredis.evalsha(store._xfer_in.sha, 3, k.stock, k.xfer_in, k.stats,
+        await aredis.evalsha(store.transfers._xfer_in.sha, 3, k.stock, k.xfer_in, k.stats,
                              t.line, t.id, t.units, t.donor, store.keys.notify_channel)
-        assert await store.sweep_transfers(grace_ms=0) == 0  # already credited
-        assert await store.pending_transfers() == []
+        assert await store.transfers.sweep(grace_ms=0) == 0  # already credited
+        assert await store.transfers.pending() == []
         assert sum(x["R1:V01"] for x in await store.stock_by_shard()) == 9
         await assert_shard_invariants(aredis, store.campaign.id)
     finally:
@@ -207,14 +207,15 @@ async def test_an_empty_donor_gives_nothing_and_writes_nothing(aredis, redis_url
     store = await sharded_store(aredis, redis_url, stock=1)  # shares 1, 0, 0
     try:
         k = keys.Keys(store.campaign.id, 1)
-        assert await store.take_from(1, 0, "R1:V01") is None
+        assert await store.transfers.take_from(1, 0, "R1:V01") is None
         assert await aredis.exists(k.xfer_out) == 0
         assert "xfer_out:R1:V01" not in await aredis.hgetall(k.stats)
-        assert await store.refill("R1:V01", 2) == 1  # from shard 0, the only one with stock
+        # From shard 0, the only one with stock:
+        assert await store.transfers.refill("R1:V01", 2) == 1
         assert [x["R1:V01"] for x in await store.stock_by_shard()] == [0, 0, 1]
-        assert await store.refill("R1:V01", 1) == 1
+        assert await store.transfers.refill("R1:V01", 1) == 1
         # Shard 1 now holds the only unit: asking the others for more finds nothing.
-        assert await store.refill("R1:V01", 1) == 0
+        assert await store.transfers.refill("R1:V01", 1) == 0
         assert [x["R1:V01"] for x in await store.stock_by_shard()] == [0, 1, 0]
     finally:
         await store.wire.close()

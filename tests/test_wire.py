@@ -10,9 +10,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from engine import scripts
-from engine.embedded import EmbeddedRedis
-from engine.wire import Address, ReplyError, Wire, WireError, WireOverloaded, WireTimeout
+from engine.store import scripts
+from engine.store.embedded import EmbeddedRedis
+from engine.store.wire import Address, ReplyError, Wire, WireError, WireOverloaded, WireTimeout
 
 
 @pytest.fixture

@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
+from ..config import Settings
+from .connection import REQUIRED_CONFIG
 
 log = logging.getLogger("engine.embedded")
 
-SAFE_CONFIG = {
-    "appendonly": "yes",
-    "appendfsync": "always",
-    "no-appendfsync-on-rewrite": "no",
-    "aof-load-truncated": "no",
-    "maxmemory-policy": "noeviction",
-}
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -64,7 +59,7 @@ class EmbeddedRedis:
             "protected-mode": "yes",
             "logfile": str((self.directory / "redis.log").resolve()),
             "pidfile": str((self.directory / "redis.pid").resolve()),
-            **SAFE_CONFIG,
+            **REQUIRED_CONFIG,
             **(extra or {}),
         }
         return [f"{k} {v}" for k, v in conf.items()]
@@ -146,9 +141,34 @@ def ensure_running(directory: Path) -> Iterator[str]:
         r.stop()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+@contextlib.contextmanager
+def engine_redis(settings: Settings) -> Iterator[str]:
+    """The Redis URL commands act on: the configured one, or the embedded Redis of
+    the data directory (the running one, or one started for the command)."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    if settings.cluster:
+        raise EmbeddedRedisError("--redis-cluster needs --redis-url (a seed node of the cluster)")
+    with ensure_running(settings.redis_dir) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def engine_redis_if_any(settings: Settings) -> Iterator[str | None]:
+    """``engine_redis`` for commands that can do without Redis (reconcile, settle,
+    statement): None when there is no embedded Redis data yet (rather than an
+    empty server started just to find nothing) or it cannot be started."""
+    if settings.redis_url or settings.cluster or settings.redis_dir.exists():
+        try:
+            cm = engine_redis(settings)
+            url = cm.__enter__()
+        except EmbeddedRedisError as exc:
+            log.warning("embedded Redis unavailable: %s", exc)
+        else:
+            try:
+                yield url
+            finally:
+                cm.__exit__(None, None, None)
+            return
+    yield None

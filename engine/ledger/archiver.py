@@ -30,23 +30,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis import exceptions as rex
 
-from . import campaign as cmp
-from . import keys
-from .ledger import Ledger, ledger_event_id
-from .redisconn import open_client
-from .store import shard_count
+from .. import campaign as cmp
+from ..crashpoint import CrashPoint
+from ..store import keys
+from ..store.connection import AnyClient, open_client
+from ..store.loading import shard_count
+from ..store.streams import GROUP, shard_streams
+from .db import Ledger, ledger_event_id
 
 log = logging.getLogger("engine.archiver")
 
-GROUP = "ledger"
 # One stable name: a restarted archiver finds its own unfinished batch with id 0.
 CONSUMER = "ledger-archiver"
 BATCH = 1000
@@ -57,28 +55,7 @@ UNREACHABLE = (rex.ConnectionError, rex.TimeoutError, OSError, rex.ClusterDownEr
                rex.RedisClusterException)
 
 
-class _Crasher:
-    """Test hook: SIGKILL ourselves at a named point (see module doc)."""
-
-    def __init__(self, spec: str | None) -> None:
-        self.point: str | None = None
-        self.nth = 1
-        self.seen = 0
-        if spec:
-            point, _, nth = spec.partition(":")
-            if point not in ("after_read", "after_commit"):
-                raise ValueError(f"unknown archiver crash point {spec!r}")
-            self.point, self.nth = point, int(nth or 1)
-
-    def at(self, point: str) -> None:
-        if self.point != point:
-            return
-        self.seen += 1
-        if self.seen >= self.nth:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-async def ensure_group(client: aioredis.Redis, stream: str) -> None:
+async def ensure_group(client: AnyClient, stream: str) -> None:
     try:
         await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
     except rex.ResponseError as exc:
@@ -86,7 +63,7 @@ async def ensure_group(client: aioredis.Redis, stream: str) -> None:
             raise
 
 
-async def sync_campaign(client: aioredis.Redis, ledger: Ledger) -> str | None:
+async def sync_campaign(client: AnyClient, ledger: Ledger) -> str | None:
     """Copy the active campaign document (and its shard count) into the ledger;
     returns its id."""
     cid = await client.get(keys.ACTIVE)
@@ -100,12 +77,6 @@ async def sync_campaign(client: aioredis.Redis, ledger: Ledger) -> str | None:
     return cid
 
 
-def shard_streams(campaign_id: str, shards: int) -> list[tuple[int, str]]:
-    """(shard, stream key) of every stock shard of the campaign."""
-    base = keys.Keys(campaign_id)
-    return [(s, base.of_shard(s).events) for s in range(shards)]
-
-
 async def _write(ledger: Ledger, cid: str, shard: int,
                  entries: list[tuple[str, dict[str, str]]]) -> int:
     # Trimmed entries come back from a pending read with no fields; they were
@@ -114,9 +85,9 @@ async def _write(ledger: Ledger, cid: str, shard: int,
     return await asyncio.to_thread(ledger.insert_events, cid, live)
 
 
-async def _process(client: aioredis.Redis, ledger: Ledger, cid: str, shard: int,
+async def _process(client: AnyClient, ledger: Ledger, cid: str, shard: int,
                    stream: str, entries: list[tuple[str, dict[str, str]]],
-                   crash: _Crasher) -> int:
+                   crash: CrashPoint) -> int:
     crash.at("after_read")
     new = await _write(ledger, cid, shard, entries)
     crash.at("after_commit")
@@ -124,12 +95,12 @@ async def _process(client: aioredis.Redis, ledger: Ledger, cid: str, shard: int,
     return new
 
 
-async def archive_once(client: aioredis.Redis, ledger: Ledger, consumer: str = CONSUMER, *,
+async def archive_once(client: AnyClient, ledger: Ledger, consumer: str = CONSUMER, *,
                        campaign_id: str | None = None, batch: int = BATCH,
                        min_idle_ms: int = MIN_IDLE_MS, crash_point: str | None = None,
                        trim: bool = True) -> int:
     """Drain every shard's stream into the ledger; returns how many events were new."""
-    crash = _Crasher(crash_point)
+    crash = CrashPoint(crash_point, ("after_read", "after_commit"))
     cid = await sync_campaign(client, ledger)
     cid = campaign_id or cid
     if cid is None:
@@ -151,9 +122,9 @@ async def archive_once(client: aioredis.Redis, ledger: Ledger, consumer: str = C
     return total
 
 
-async def _archive_stream(client: aioredis.Redis, ledger: Ledger, cid: str, shard: int,
+async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: int,
                           stream: str, consumer: str, batch: int, min_idle_ms: int,
-                          crash: _Crasher) -> int:
+                          crash: CrashPoint) -> int:
     """One shard's stream: own pending entries, then abandoned ones, then new ones."""
     await ensure_group(client, stream)
     total = 0
@@ -211,7 +182,7 @@ def _next_id(eid: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
-async def trim_archived(client: aioredis.Redis, stream: str) -> int:
+async def trim_archived(client: AnyClient, stream: str) -> int:
     """XTRIM MINID to the oldest entry that is pending or not yet delivered.
 
     last-delivered-id is read before the pending summary: an entry delivered
@@ -233,35 +204,13 @@ async def trim_archived(client: aioredis.Redis, stream: str) -> int:
     return await client.xtrim(stream, minid=minid, approximate=False)
 
 
-async def trim_campaign(client: aioredis.Redis, campaign_id: str) -> int:
+async def trim_campaign(client: AnyClient, campaign_id: str) -> int:
     """trim_archived on every shard's stream; returns the entries removed."""
     streams = shard_streams(campaign_id, await shard_count(client, campaign_id))
     return sum([await trim_archived(client, stream) for _, stream in streams])
 
 
-async def lag(client: aioredis.Redis, campaign_id: str) -> int:
-    """Events not yet in the ledger (undelivered + pending), summed over shards."""
-    streams = shard_streams(campaign_id, await shard_count(client, campaign_id))
-    return sum([await _stream_lag(client, stream) for _, stream in streams])
-
-
-async def _stream_lag(client: aioredis.Redis, stream: str) -> int:
-    try:
-        groups = await client.xinfo_groups(stream)
-    except rex.ResponseError:
-        return 0  # no stream yet: nothing to archive
-    group = next((g for g in groups if g["name"] == GROUP), None)
-    if group is None:
-        return int(await client.xlen(stream))
-    undelivered = group.get("lag")
-    if undelivered is None:
-        # Redis cannot tell (e.g. after deletions); everything left in the
-        # stream is at most pending or undelivered, because we trim the rest.
-        return int(await client.xlen(stream))
-    return int(undelivered) + int(group.get("pending") or 0)
-
-
-async def archive_follow(client: aioredis.Redis, ledger: Ledger, stop: asyncio.Event,
+async def archive_follow(client: AnyClient, ledger: Ledger, stop: asyncio.Event,
                          consumer: str = CONSUMER, *, interval_s: float = 0.5,
                          batch: int = BATCH, min_idle_ms: int = MIN_IDLE_MS,
                          crash_point: str | None = None) -> int:
@@ -283,7 +232,7 @@ async def archive_follow(client: aioredis.Redis, ledger: Ledger, stop: asyncio.E
             backoff = min(backoff * 2, 10.0)
         try:
             await asyncio.wait_for(stop.wait(), timeout=backoff)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     return total
 

@@ -13,41 +13,43 @@ from typing import Any
 
 import msgspec
 
-from . import schemas
+from .. import errors as E
+from .. import schemas
+from ..errors import EngineError
+from ..service import GRAB_REFUSALS, REDEEM_REFUSALS, VOID_REFUSALS
 
 JSON = "application/json"
 IDENT_PATTERN = "^[A-Za-z0-9_.-]+$"
 _TIME = {"type": "string", "format": "date-time"}
 
-# Extra fields the contract adds to an error body, by code.
-_EXTRA = {"round_not_open": "opens_at", "already_redeemed": "redeemed_at",
-          "coupon_not_yet_valid": "valid_from", "coupon_expired": "valid_until"}
-# Errors that carry a Retry-After header (whole seconds).
-_RETRY = {429, 503}
-
 _RETRY_AFTER = {"description": "seconds to wait before retrying", "required": True,
                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}
 
 
-def _error_schema(codes: tuple[str, ...]) -> dict[str, Any]:
-    props: dict[str, Any] = {"code": {"type": "string", "enum": list(codes)},
+def _error_schema(classes: list[type[EngineError]]) -> dict[str, Any]:
+    props: dict[str, Any] = {"code": {"type": "string", "enum": [c.code for c in classes]},
                              "message": {"type": "string"}}
-    for c in codes:
-        if c in _EXTRA:
-            props[_EXTRA[c]] = _TIME
+    for c in classes:
+        if c.extra:
+            props[c.extra] = _TIME
     return {"type": "object", "required": ["error"], "additionalProperties": False,
             "properties": {"error": {"type": "object", "required": ["code", "message"],
                                      "additionalProperties": False, "properties": props}}}
 
 
-def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
-    """Responses for ``(status, "code_a code_b")`` pairs (codes separated by spaces)."""
+def _errors(*classes: type[EngineError]) -> dict[str, Any]:
+    """The error responses of a route, from the contract's error classes it can answer:
+    grouped by status, each with its codes, extra fields and Retry-After header."""
+    by_status: dict[int, list[type[EngineError]]] = {}
+    for c in classes:
+        group = by_status.setdefault(c.status, [])
+        if c.code not in (g.code for g in group):
+            group.append(c)
     out: dict[str, Any] = {}
-    for status, codes in pairs:
-        names = tuple(codes.split())
-        resp: dict[str, Any] = {"description": ", ".join(names),
-                                "content": {JSON: {"schema": _error_schema(names)}}}
-        if status in _RETRY:
+    for status, group in sorted(by_status.items()):
+        resp: dict[str, Any] = {"description": ", ".join(c.code for c in group),
+                                "content": {JSON: {"schema": _error_schema(group)}}}
+        if any(c.retry_after for c in group):
             resp["headers"] = {"Retry-After": _RETRY_AFTER}
         out[str(status)] = resp
     return out
@@ -95,8 +97,14 @@ def _code_param() -> dict[str, Any]:
             "example": "7K3M-Q9ZR-4TXW-2HBN-P"}
 
 
-AUTH = (401, "unauthorized")
-UNAVAILABLE = (503, "unavailable")
+# The errors each script's route can answer beside its script's refusals.
+ErrorList = tuple[type[EngineError], ...]
+GRAB_ERRORS: ErrorList = (E.InvalidRequest, E.Unauthorized, *GRAB_REFUSALS.values(),
+                          E.RateLimited, E.Unavailable)
+REDEEM_ERRORS: ErrorList = (E.InvalidRequest, E.Unauthorized, *REDEEM_REFUSALS.values(),
+                            E.RateLimited, E.Unavailable)
+VOID_ERRORS: ErrorList = (E.Unauthorized, *VOID_REFUSALS.values(), E.RateLimited,
+                          E.Unavailable)
 
 
 def document() -> bytes:
@@ -143,60 +151,53 @@ def document() -> bytes:
         "/v1/rounds/{round_id}/grab": {"post": _op(
             "grabCoupon", "Grab a coupon", _ok(201, "CouponReply", "granted (or replayed)",
                                                links=grab_links),
-            _errors((400, "invalid_request"), AUTH,
-                    (404, "round_not_found venue_not_found"),
-                    (409, "round_not_open round_quota_exceeded campaign_quota_exceeded"),
-                    (410, "round_closed sold_out"), (422, "idempotency_key_reused"),
-                    (429, "rate_limited"), UNAVAILABLE),
+            _errors(*GRAB_ERRORS),
             security="member", params=[_round_param(), idem], body="GrabRequest",
             description="A venue with no stock line in the round is venue_not_found.")},
         "/v1/me/coupons": {"get": _op(
             "myCoupons", "My coupons, newest first", _ok(200, "CouponsReply"),
-            _errors(AUTH, UNAVAILABLE), security="member")},
+            _errors(E.Unauthorized, E.Unavailable), security="member")},
         "/v1/me/coupons/{code}": {"delete": _op(
             "voidCoupon", "Hand a coupon back", _ok(200, "CouponReply", "now void"),
-            _errors(AUTH, (404, "coupon_not_found"), (409, "already_redeemed already_void"),
-                    (429, "rate_limited"), UNAVAILABLE),
+            _errors(*VOID_ERRORS),
             security="member", params=[_code_param()],
             description="Another member's code is coupon_not_found.")},
         "/v1/me/coupons/{code}/qr.svg": {"get": _op(
             "couponQr", "My coupon as a QR code", {"200": {"description": "SVG", "content": {
                 "image/svg+xml": {"schema": {"type": "string"}}}}},
-            _errors(AUTH, (404, "coupon_not_found"), UNAVAILABLE),
+            _errors(E.Unauthorized, E.CouponNotFound, E.Unavailable),
             security="member", params=[_code_param()])},
         "/v1/rounds": {"get": _op("listRounds", "All rounds", _ok(200, "RoundsReply"), {},
                                   security=None)},
         "/v1/rounds/{round_id}": {"get": _op(
-            "getRound", "One round", _ok(200, "RoundReply"), _errors((404, "round_not_found")),
+            "getRound", "One round", _ok(200, "RoundReply"), _errors(E.RoundNotFound),
             security=None, params=[_round_param()])},
         "/v1/venue/coupons/{code}": {"get": _op(
             "venueLookUpCoupon", "Look at a coupon without redeeming it",
             _ok(200, "CouponReply"),
-            _errors(AUTH, (403, "wrong_venue"), (404, "coupon_not_found"),
-                    (429, "rate_limited"), UNAVAILABLE),
+            _errors(E.Unauthorized, E.WrongVenue, E.CouponNotFound, E.RateLimited,
+                    E.Unavailable),
             security="venue", params=[_code_param()])},
         "/v1/venue/redemptions": {
             "post": _op("redeemCoupon", "Redeem a coupon", _ok(200, "CouponReply", "redeemed"),
-                        _errors((400, "invalid_request"), AUTH, (403, "wrong_venue"),
-                                (404, "coupon_not_found"),
-                                (409, "already_redeemed coupon_void coupon_not_yet_valid"),
-                                (410, "coupon_expired"), (429, "rate_limited"), UNAVAILABLE),
+                        _errors(*REDEEM_ERRORS),
                         security="venue", body="RedeemRequest",
                         description="Unknown, forged or mistyped codes are all "
                                     "coupon_not_found; too many of them from one venue in a "
                                     "minute answer 429 rate_limited."),
             "get": _op("venueRedemptions", "This venue's redemptions",
                        _ok(200, "RedemptionsReply"),
-                       _errors((400, "invalid_request"), AUTH, UNAVAILABLE), security="venue",
+                       _errors(E.InvalidRequest, E.Unauthorized, E.Unavailable),
+                       security="venue",
                        params=[since])},
         "/v1/admin/rounds/{round_id}/stats": {"get": _op(
             "roundStats", "Per-venue stock, issued, void, redeemed", _ok(200, "RoundStats"),
-            _errors(AUTH, (404, "round_not_found"), UNAVAILABLE), security="admin",
+            _errors(E.Unauthorized, E.RoundNotFound, E.Unavailable), security="admin",
             params=[_round_param()])},
         "/healthz": {"get": _op("healthz", "Process is up", _ok(200, "Health"), {},
                                 security=None)},
         "/readyz": {"get": _op("readyz", "Redis answers and a campaign is loaded",
-                               _ok(200, "Ready"), _errors(UNAVAILABLE), security=None)},
+                               _ok(200, "Ready"), _errors(E.NotReady), security=None)},
         "/metrics": {"get": _op("metrics", "Prometheus metrics of all workers",
                                 {"200": {"description": "Prometheus text format", "content": {
                                     "text/plain": {"schema": {"type": "string"}}}}}, {},

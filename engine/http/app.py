@@ -1,28 +1,27 @@
-"""The aiohttp application: ``create_app(settings)``."""
+"""The aiohttp application: ``create_app(settings, redis_url)`` and its one middleware."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from . import errors, openapi
-from .auth import resolve_secrets
-from .config import Settings
+from .. import errors
+from ..config import Settings
+from ..metrics import Metrics
+from ..service import open_engine
+from . import openapi
 from .handlers import ENGINE, OPENAPI, add_routes, error_response
-from .metrics import Metrics
-from .service import Engine
-from .store import Store, active_campaign, client_for, connect_with_retry, shard_count
 
 log = logging.getLogger("engine.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def engine_middleware(metrics: Metrics) -> Callable[[web.Request, Handler],
-                                                    Awaitable[web.StreamResponse]]:
+def engine_middleware(metrics: Metrics) -> Middleware:
     """The one place engine errors become the contract's JSON errors, and where each
     request's duration and in-flight count are measured (one middleware, not two:
     each layer costs a coroutine per request)."""
@@ -75,24 +74,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app[OPENAPI] = openapi.document()
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
-        client = client_for(settings, redis_url)
-        await connect_with_retry(client, settings.redis_connect_retries)
-        campaign = await active_campaign(client)
-        if campaign is None:
-            raise RuntimeError("no campaign is loaded; run 'coupon-engine campaign load FILE'")
-        shards = await shard_count(client, campaign.id)
-        engine = Engine(Store(client, campaign, settings, shards=shards),
-                        resolve_secrets(settings),
-                        member_rate=settings.member_rate, member_burst=settings.member_burst,
-                        venue_bad_code_limit=settings.venue_bad_code_limit,
-                        metrics=metrics)
-        metrics.prime(campaign)
-        await engine.refresh()
-        # Connect the hot path now (scripts loaded, SHAs checked), not on the first grab.
-        try:
-            await engine.store.wire.call("PING")
-        except Exception as exc:  # noqa: BLE001 - the first call will retry the connect
-            log.warning("hot-path redis connection not ready at start: %s", exc)
+        engine = await open_engine(settings, redis_url, metrics)
         app[ENGINE] = engine
         tasks = [asyncio.create_task(engine.poll_forever(), name="state-poller"),
                  asyncio.create_task(engine.listen_forever(), name="notify-listener"),
@@ -106,7 +88,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         _, stuck = await asyncio.wait(tasks, timeout=5.0)
         for t in stuck:
             log.error("background task %s did not stop within 5 s", t.get_name())
-        await engine.store.close()
+        await engine.close()
 
     app.cleanup_ctx.append(engine_ctx)
     add_routes(app)

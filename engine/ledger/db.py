@@ -12,12 +12,12 @@ it can never disagree with ``events``. The schema uses only portable types
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
-from . import campaign as cmp
-from .campaign import Campaign
+from .. import campaign as cmp
+from ..campaign import Campaign
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -201,7 +201,7 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -351,7 +351,7 @@ class Ledger:
     def settlements_by_code(self, codes: Iterable[str]) -> dict[str, Settlement]:
         select = ("SELECT code, venue_id, settled_at_ms, claims_file_sha, claims_line,"
                   " amount_fen, claimed_fen, flagged FROM settlements")
-        return {r[0]: Settlement(*r[:7], bool(r[7]))
+        return {r[0]: Settlement(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]))
                 for r in self._rows_by_code(select, codes)}
 
     def venue_redemptions(self, campaign_id: str, venue_id: str) -> dict[str, int]:
@@ -409,7 +409,3 @@ class Ledger:
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
-
-
-def open_ledger(path: Path | str) -> Ledger:
-    return Ledger(path)

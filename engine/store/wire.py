@@ -33,8 +33,9 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
@@ -77,17 +78,17 @@ class Address:
     tls: bool = False
 
     @classmethod
-    def from_url(cls, url: str) -> "Address":
+    def from_url(cls, url: str) -> Address:
         u = urlsplit(url)
-        q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+        q: dict[str, str] = {k: v[-1] for k, v in parse_qs(u.query).items()}
         user = unquote(u.username) if u.username else None
         pw = unquote(u.password) if u.password else q.get("password")
         if u.scheme == "unix":
-            return cls(path=unquote(u.path), db=int(q.get("db", 0)), username=user or None,
+            return cls(path=unquote(u.path), db=int(q.get("db", "0")), username=user or None,
                        password=pw)
         if u.scheme not in ("redis", "rediss"):
             raise ValueError(f"unsupported redis url scheme {u.scheme!r}")
-        db = int(u.path.strip("/") or q.get("db", 0))
+        db = int(u.path.strip("/") or q.get("db", "0"))
         return cls(host=u.hostname or "127.0.0.1", port=u.port or 6379, db=db,
                    username=user or None, password=pw, tls=u.scheme == "rediss")
 
@@ -106,7 +107,7 @@ _EVALSHA = framed("EVALSHA")
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
 
 
-def _retrieve(fut: "asyncio.Future[Any]") -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # an ASKING that failed shows up as the next reply's ASK
 
@@ -133,7 +134,7 @@ class _Pending:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, wire: "Wire") -> None:
+    def __init__(self, wire: Wire) -> None:
         self.wire = wire
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(replyError=ReplyError, encoding="utf-8")
@@ -200,7 +201,7 @@ class Wire:
     _shas: dict[str, Framed] = field(default_factory=dict, init=False)
 
     @classmethod
-    def from_url(cls, url: str, scripts: Sequence[Script] = (), **kw: Any) -> "Wire":
+    def from_url(cls, url: str, scripts: Sequence[Script] = (), **kw: Any) -> Wire:
         return cls(Address.from_url(url), scripts, **kw)
 
     # Calls
@@ -262,7 +263,7 @@ class Wire:
         self._connecting = loop.create_future()
         try:
             proto = await asyncio.wait_for(self._open(), self.timeout)
-        except (OSError, asyncio.TimeoutError, ReplyError, WireError) as exc:
+        except (TimeoutError, OSError, ReplyError, WireError) as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             self._retry_at = time.monotonic() + self.reconnect_delay
             log.warning("redis connect failed: %s", self._last_error)

@@ -9,14 +9,22 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import errors, qr
-from .domain import parse_rfc3339
-from .schemas import (CouponReply, CouponsReply, RedemptionsReply, RoundReply, RoundsReply,
-                      encoder, grab_decoder, redeem_decoder)
-from .service import Engine
+from .. import errors
+from ..domain import parse_rfc3339
+from ..schemas import (
+    CouponReply,
+    CouponsReply,
+    RedemptionsReply,
+    RoundReply,
+    RoundsReply,
+    encoder,
+    grab_decoder,
+    redeem_decoder,
+)
+from ..service import Engine
+from . import qr
 
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
-READY: web.AppKey[dict[str, bool]] = web.AppKey("ready", dict)
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 
 MAX_BODY = 4096
@@ -145,7 +153,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    if not await engine.store.ping():
+    if not await engine.ready():
         raise errors.NotReady("redis does not answer", headers={"Retry-After": "1"})
     return json_response({"status": "ready", "campaign_id": engine.campaign.id})
 

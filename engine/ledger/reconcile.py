@@ -13,15 +13,16 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import codes
-from .campaign import Campaign, Venue
-from .ledger import Ledger, Settlement
+from .. import codes
+from ..campaign import Campaign, Venue
+from .db import Ledger, Settlement
 
 CLASSES = ("matched", "unclaimed", "not_redeemed", "wrong_venue", "unknown_code",
            "duplicate_claim", "amount_mismatch", "invalid_row")
@@ -255,7 +256,7 @@ def classify(ledger: Ledger, venue_id: str, claims_path: Path) -> Result:
 def _fmt(ms: int | None, tz: ZoneInfo) -> str:
     if ms is None:
         return ""
-    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc).astimezone(tz)
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(tz)
     return dt.isoformat(timespec="milliseconds")
 
 
@@ -416,8 +417,8 @@ def statement(ledger: Ledger, out_dir: Path) -> dict[str, Any]:
         with open(staged.path("statement.csv"), "w", newline="", encoding="utf-8-sig") as f:
             w = csv.writer(f)
             w.writerow(STATEMENT_COLUMNS)
-            for v in venues:
-                w.writerow([v[k] for k in STATEMENT_COLUMNS])
+            for row in venues:
+                w.writerow([row[k] for k in STATEMENT_COLUMNS])
             w.writerow(["TOTAL", c.name, "", ""] + [sums[k] for k in STATEMENT_COLUMNS[4:]])
         with open(staged.path("statement.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""The coupon grab engine (see README.md and docs/architecture.md)."""

@@ -1,0 +1,344 @@
+"""The running engine's Redis state for the one active campaign: ``Store``.
+
+The hot path (grab, redeem, void, the idempotency probe) goes through
+``wire.Wire``: one pipelined connection per worker with the scripts loaded at
+connect (on a Redis Cluster, ``clusterwire.ClusterWire``: one such connection
+per primary, routed by slot). Everything else (admin reads, polling, pub/sub)
+uses redis-py (``RedisCluster`` on a cluster). Every Redis failure leaves here
+as ``errors.Unavailable`` (``connection.guarded`` / ``connection.wired``) so
+the HTTP layer answers 503.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .. import campaign as cmp
+from .. import codes
+from .. import shards as shards_mod
+from ..campaign import Campaign
+from ..config import Settings
+from ..domain import CouponState
+from ..errors import Unavailable
+from . import keys, records, scripts, streams
+from .clusterwire import ClusterWire
+from .connection import AnyClient, guarded, node_client, redis_time_ms, release, wire_for, wired
+from .scripts import Arg, GrabOutcome, RedeemOutcome, Script, VoidOutcome
+from .transfers import Transfers
+from .wire import Framed, Wire, framed
+
+log = logging.getLogger("engine.store")
+
+_CODE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class GrabResult:
+    outcome: GrabOutcome
+    now_ms: int
+    code: str = ""
+    issued_at_ms: int = 0
+    valid_from_ms: int = 0
+    valid_until_ms: int = 0
+    remaining: int = -1
+    edge_ms: int = 0  # opens_at for ROUND_NOT_OPEN, closes_at for ROUND_CLOSED
+    message: str = ""
+
+
+Oc = TypeVar("Oc", RedeemOutcome, VoidOutcome)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeResult(Generic[Oc]):
+    """Outcome of redeem.lua or void.lua."""
+
+    outcome: Oc
+    now_ms: int
+    coupon: CouponState | None = None  # the coupon after the change, when it changed
+    at_ms: int = 0  # redeemed_at for ALREADY_REDEEMED, valid edge for validity errors
+    restocked: bool = False
+
+
+class FramedKeys:
+    """One shard's ``keys.Keys`` with the names every call sends framed once (a
+    ``scripts.ShardKeys``): the hot path then copies bytes instead of encoding."""
+
+    def __init__(self, k: keys.Keys) -> None:
+        self._k = k
+        self.campaign = framed(k.campaign)
+        self.stock = framed(k.stock)
+        self.stats = framed(k.stats)
+        self.events = framed(k.events)
+        self.xfer_out = framed(k.xfer_out)
+        self.xfer_in = framed(k.xfer_in)
+        # Only rounds of the campaign reach here (the engine checks first).
+        self._rounds: dict[str, Framed] = {}
+
+    def round(self, round_id: str) -> Framed:
+        got = self._rounds.get(round_id)
+        if got is None:
+            got = self._rounds[round_id] = framed(self._k.round(round_id))
+        return got
+
+    def member(self, member_id: str) -> str:
+        return self._k.member(member_id)
+
+    def member_coupons(self, member_id: str) -> str:
+        return self._k.member_coupons(member_id)
+
+    def coupon(self, code: str) -> str:
+        return self._k.coupon(code)
+
+    def idempotency(self, member_id: str, key: str) -> str:
+        return self._k.idempotency(member_id, key)
+
+    def venue_redemptions(self, venue_id: str) -> str:
+        return self._k.venue_redemptions(venue_id)
+
+
+class Store:
+    """The engine's Redis state for the one active campaign.
+
+    With S > 1 stock shards, each call goes to the shard that owns its data:
+    a grab to the member's shard, a redeem or void to the code's shard.
+    """
+
+    def __init__(self, client: AnyClient, campaign: Campaign, settings: Settings,
+                 wire: Wire | ClusterWire | None = None, shards: int = 1) -> None:
+        self.redis = client
+        self.campaign = campaign
+        self.keys = keys.Keys(campaign.id)
+        self.settings = settings
+        self.wire = wire or wire_for(client, settings)
+        self.shards = shards
+        self.shard_keys = [self.keys.of_shard(s) for s in range(shards)]
+        self._framed = [FramedKeys(k) for k in self.shard_keys]
+        self._grab = scripts.load("grab")
+        self._redeem = scripts.load("redeem")
+        self._void = scripts.load("void")
+        self.transfers = Transfers(self.wire, client, self.shard_keys,
+                                   self.keys.notify_channel, self.time_ms)
+
+    async def close(self) -> None:
+        await self.wire.close()
+        await self.redis.aclose()
+
+    async def _run(self, script: Script, call: tuple[list[Arg], list[Arg]]) -> Any:
+        """One script call on the hot path; store failures become ``Unavailable``."""
+        return await wired(self.wire.evalsha(script, *call))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await guarded(self.redis.ping()))
+        except Unavailable:
+            return False
+
+    async def time_ms(self) -> int:
+        return await guarded(redis_time_ms(self.redis, self.keys.campaign))
+
+    def member_shard(self, member_id: str) -> int:
+        return shards_mod.member_shard(member_id, self.shards)
+
+    def code_shard(self, code: str) -> int:
+        """The shard holding this (canonical) code's record."""
+        return shards_mod.code_shard(code, self.shards)
+
+    def _new_code(self, shard: int) -> str:
+        """A fresh code whose own shard is ``shard``: the coupon then lives with its
+        member, and redeem and void find it from the code alone."""
+        code = codes.new_code()
+        while self.shards > 1 and shards_mod.code_shard(code, self.shards) != shard:
+            code = codes.new_code()
+        return code
+
+    async def grab(self, round_id: str, venue_id: str, member_id: str,
+                   idem_key: str | None) -> GrabResult:
+        shard = self.member_shard(member_id)
+        k = self._framed[shard]
+        for _ in range(_CODE_ATTEMPTS):
+            code = self._new_code(shard)
+            reply = await self._run(self._grab, scripts.grab_call(
+                k, round_id, venue_id, member_id, code, idem_key or "",
+                self.settings.idempotency_ttl_s))
+            result = _grab_result(reply)
+            if result.outcome is not GrabOutcome.CODE_COLLISION:
+                return result
+            log.warning("coupon code collision; drawing another")
+        raise RuntimeError("could not draw an unused coupon code")
+
+    async def redeem(self, venue_id: str, code: str) -> ChangeResult[RedeemOutcome]:
+        reply = await self._run(self._redeem, scripts.redeem_call(
+            self._framed[self.code_shard(code)], venue_id, code))
+        oc = scripts.outcome(RedeemOutcome, int(reply[0]))
+        now = int(reply[1])
+        if oc is RedeemOutcome.REDEEMED:
+            return ChangeResult(oc, now, records.coupon_state(
+                code, records.pairs_to_dict(reply[2:])))
+        return ChangeResult(oc, now, at_ms=int(reply[2]) if len(reply) > 2 else 0)
+
+    async def void(self, member_id: str, code: str) -> ChangeResult[VoidOutcome]:
+        reply = await self._run(self._void, scripts.void_call(
+            self._framed[self.code_shard(code)], member_id, code, self.keys.notify_channel))
+        oc = scripts.outcome(VoidOutcome, int(reply[0]))
+        now = int(reply[1])
+        if oc is VoidOutcome.VOIDED:
+            return ChangeResult(oc, now, records.coupon_state(
+                code, records.pairs_to_dict(reply[3:])), restocked=reply[2] == 1)
+        return ChangeResult(oc, now, at_ms=int(reply[2]) if len(reply) > 2 else 0)
+
+    async def coupon(self, code: str) -> CouponState | None:
+        rec = await guarded(self.redis.hgetall(self.shard_keys[self.code_shard(code)]
+                                               .coupon(code)))
+        return records.coupon_state(code, rec) if rec else None
+
+    async def member_coupons(self, member_id: str) -> list[CouponState]:
+        # A member's list and coupons are all in the member's shard (one slot).
+        k = self.shard_keys[self.member_shard(member_id)]
+        codes_ = await guarded(self.redis.lrange(k.member_coupons(member_id), 0, -1))
+        return await self._coupons([(c, k) for c in codes_])
+
+    async def venue_redemptions(self, venue_id: str, since_ms: int,
+                                limit: int = 1000) -> list[CouponState]:
+        """The venue's redemptions since ``since_ms``, oldest first, at most ``limit``;
+        with shards, the first ``limit`` of each shard merged by time."""
+        scored: list[tuple[float, str, keys.Keys]] = []
+        for k in self.shard_keys:
+            rows = await guarded(self.redis.zrangebyscore(
+                k.venue_redemptions(venue_id), since_ms, "+inf", start=0, num=limit,
+                withscores=True))
+            scored += [(score, c, k) for c, score in rows]
+        scored.sort(key=lambda x: (x[0], x[1]))
+        return await self._coupons([(c, k) for _, c, k in scored[:limit]])
+
+    async def _coupons(self, where: list[tuple[str, keys.Keys]]) -> list[CouponState]:
+        """The coupons of these codes, in this order, in one pipelined round trip."""
+        if not where:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for c, k in where:
+            pipe.hgetall(k.coupon(c))
+        recs = await guarded(pipe.execute())
+        return [records.coupon_state(c, r) for (c, _), r in zip(where, recs) if r]
+
+    async def _counts_by_shard(self, name: str) -> list[dict[str, int]]:
+        """The integer hash ``name`` ('stock' or 'stats') of every shard."""
+        out = []
+        for k in self.shard_keys:
+            raw = await guarded(self.redis.hgetall(getattr(k, name)))
+            out.append({f: int(v) for f, v in raw.items()})
+        return out
+
+    async def stock_by_shard(self) -> list[dict[str, int]]:
+        self.transfers.by_shard = await self._counts_by_shard("stock")
+        return self.transfers.by_shard
+
+    async def stock(self) -> dict[str, int]:
+        """'<round>:<venue>' -> remaining, for every stock line (summed over shards;
+        units in flight between shards are in none of them for a moment)."""
+        return _sum(await self.stock_by_shard())
+
+    async def stats_by_shard(self) -> list[dict[str, int]]:
+        return await self._counts_by_shard("stats")
+
+    async def stats(self) -> dict[str, int]:
+        return _sum(await self.stats_by_shard())
+
+    async def ledger_lag(self) -> int:
+        """Events on the stream not yet archived into the ledger."""
+        return await guarded(streams.lag(self.redis, self.campaign.id, self.shards))
+
+    async def has_idempotency(self, member_id: str, idem_key: str) -> bool:
+        k = self.shard_keys[self.member_shard(member_id)]
+        return bool(await wired(self.wire.call("EXISTS", k.idempotency(member_id, idem_key))))
+
+    async def campaign_fingerprint(self) -> str | None:
+        return await guarded(self.redis.hget(self.keys.campaign, "fingerprint"))
+
+    async def reload_campaign(self) -> Campaign | None:
+        doc = await guarded(self.redis.hget(self.keys.campaign, "doc"))
+        if doc is None:
+            return None
+        self.campaign = cmp.from_json(doc)
+        return self.campaign
+
+    # Venue API keys: only a SHA-256 of each key is stored.
+
+    async def add_venue_key(self, venue_id: str) -> str:
+        key_id = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(24)
+        token = f"vk.{venue_id}.{key_id}.{secret}"
+        await guarded(self.redis.hset(self.keys.venue_keys(venue_id), key_id, _sha(token)))
+        return token
+
+    async def revoke_venue_key(self, venue_id: str, key_id: str | None) -> int:
+        if key_id is None:
+            return int(await guarded(self.redis.delete(self.keys.venue_keys(venue_id))))
+        return int(await guarded(self.redis.hdel(self.keys.venue_keys(venue_id), key_id)))
+
+    async def list_venue_keys(self, venue_id: str) -> list[str]:
+        return sorted(await guarded(self.redis.hkeys(self.keys.venue_keys(venue_id))))
+
+    async def venue_for_key(self, token: str) -> str | None:
+        """The venue a key acts for, or None; the digest is compared in constant time."""
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != "vk":
+            return None
+        _, venue_id, key_id, _secret = parts
+        if self.campaign.venue(venue_id) is None:
+            return None
+        stored = await guarded(self.redis.hget(self.keys.venue_keys(venue_id), key_id))
+        if stored is None or not hmac.compare_digest(stored, _sha(token)):
+            return None
+        return venue_id
+
+    async def subscribe_notifications(self) -> AsyncIterator[str]:
+        """Messages on the campaign's notify channel, until cancelled."""
+        # On a cluster a PUBLISH (void.lua's included) reaches subscribers on every
+        # node; we subscribe on the primary serving the campaign's slot, with a
+        # plain connection of our own (see docs/cluster.md).
+        node = await guarded(node_client(self.redis, self.keys.notify_channel))
+        pubsub = node.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.notify_channel)
+            async for msg in pubsub.listen():
+                if msg and msg.get("type") == "message":
+                    yield str(msg["data"])
+        finally:
+            await pubsub.aclose()
+            await release(self.redis, node)
+
+    async def publish(self, message: str) -> None:
+        await guarded(self.redis.publish(self.keys.notify_channel, message))
+
+
+def _sum(parts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for part in parts:
+        for f, v in part.items():
+            total[f] = total.get(f, 0) + v
+    return total
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _grab_result(reply: list[Any]) -> GrabResult:
+    oc = scripts.outcome(GrabOutcome, int(reply[0]))
+    now = int(reply[1])
+    if oc is GrabOutcome.GRANTED:
+        return GrabResult(oc, now, str(reply[2]), int(reply[3]), int(reply[4]), int(reply[5]),
+                          int(reply[6]))
+    if oc is GrabOutcome.REPLAYED:
+        return GrabResult(oc, now, str(reply[2]), int(reply[3]), int(reply[4]), int(reply[5]))
+    if oc in (GrabOutcome.ROUND_NOT_OPEN, GrabOutcome.ROUND_CLOSED):
+        return GrabResult(oc, now, edge_ms=int(reply[2]))
+    if oc is GrabOutcome.BAD_ARGUMENT:
+        return GrabResult(oc, now, message=str(reply[2]))
+    return GrabResult(oc, now)
