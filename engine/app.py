@@ -72,7 +72,9 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     metrics = Metrics()
     app = web.Application(middlewares=[engine_middleware(metrics)],
                           client_max_size=64 * 1024)
-    app[OPENAPI] = openapi.document()
+    # Read once here: whether the secrets are the development ones decides the routes.
+    secrets = resolve_secrets(settings)
+    app[OPENAPI] = openapi.document(demo_sign_in=secrets.development)
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         client = client_for(settings, redis_url)
@@ -82,7 +84,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
             raise RuntimeError("no campaign is loaded; run 'coupon-engine campaign load FILE'")
         shards = await shard_count(client, campaign.id)
         engine = Engine(Store(client, campaign, settings, shards=shards),
-                        resolve_secrets(settings),
+                        secrets,
                         member_rate=settings.member_rate, member_burst=settings.member_burst,
                         venue_bad_code_limit=settings.venue_bad_code_limit,
                         metrics=metrics)
@@ -109,5 +111,5 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         await engine.store.close()
 
     app.cleanup_ctx.append(engine_ctx)
-    add_routes(app)
+    add_routes(app, demo_sign_in=secrets.development)
     return app

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import errors, qr
 from .domain import parse_rfc3339
+from .http.caching import cached_json
 from .schemas import (CouponReply, CouponsReply, RedemptionsReply, RoundReply, RoundsReply,
                       encoder, grab_decoder, redeem_decoder)
 from .service import Engine
@@ -98,11 +99,12 @@ async def coupon_qr(request: web.Request) -> web.Response:
 
 
 async def rounds(request: web.Request) -> web.Response:
-    return json_response(RoundsReply(request.app[ENGINE].rounds()))
+    return cached_json(request, RoundsReply(request.app[ENGINE].rounds()))
 
 
 async def round_(request: web.Request) -> web.Response:
-    return json_response(RoundReply(request.app[ENGINE].round(request.match_info["round_id"])))
+    engine = request.app[ENGINE]
+    return cached_json(request, RoundReply(engine.round(request.match_info["round_id"])))
 
 
 async def venue_coupon(request: web.Request) -> web.Response:
@@ -162,7 +164,8 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type=_JSON)
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, *, demo_sign_in: bool = False) -> None:
+    """Every route; ``demo_sign_in`` only when the engine runs on development secrets."""
     r = app.router
     r.add_post("/v1/rounds/{round_id}/grab", grab)
     r.add_get("/v1/me/coupons", my_coupons)
@@ -178,3 +181,6 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.json", openapi)
+    # The pages and their read-only routes (imported here: engine.http.public imports us).
+    from .http.public import add_routes as add_page_routes
+    add_page_routes(app, demo_sign_in_route=demo_sign_in)
