@@ -171,7 +171,7 @@ def test_countdown_and_buttons_follow_the_engine_clock_not_the_phone(
     for at in enabled_at:
         assert at is not None, "a grab button never enabled"
         # By the engine's clock: not before the opening (a little rounding), and promptly.
-        assert opens - 0.4 <= at <= opens + 2.0, at - opens
+        assert opens - 0.5 <= at <= opens + 3.0, at - opens
     page, watch = pages[0]
     grab_button(page, "V01").click()
     expect()(page.locator("#notice")).to_contain_text("抢到了")
@@ -181,6 +181,8 @@ def test_countdown_and_buttons_follow_the_engine_clock_not_the_phone(
     card = page.locator(f"li.coupon[data-code='{code}']")
     expect()(card.locator(".coupon-code")).to_have_text(code)
     expect()(card.locator(".badge")).to_have_text("可使用")
+    expect()(page.locator("li.venue[data-venue=V01] .venue-stock")).to_have_text(
+        "剩余 99 / 100")
     qr = card.locator("img.qr")
     expect()(qr).to_be_visible()
     box = qr.bounding_box()
@@ -446,6 +448,7 @@ def test_typed_codes_are_forgiven_immediate_mode_void_and_sign_out(
     assert coupon_status(serve, "type-2")[0]["status"] == "redeemed"
     expect()(page.locator("#today-count")).to_have_text(str(before + 2))
     page.locator("#answer-dismiss").click()
+    page.screenshot(path=str(tmp_path / "scanner.png"), full_page=True)
     # A coupon its member handed back, and a code that does not exist.
     voided = demo_coupon(serve, "type-3", "V01")
     token = serve.post("/v1/demo/sign-in", {"member_id": "type-3"}).json()["token"]

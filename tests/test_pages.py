@@ -136,6 +136,13 @@ async def test_configured_secrets_have_no_demo_sign_in(make_engine, redis_url) -
     e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
     resp = await e.client.post("/v1/demo/sign-in", json={"member_id": "alice"})
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+    # Not even routed; and the engine itself refuses to mint, should it ever be.
+    assert not [r for r in e.client.app.router.routes()
+                if r.resource is not None and r.resource.canonical == "/v1/demo/sign-in"]
+    from engine import errors
+    from engine.http.public import ENGINE
+    with pytest.raises(errors.NotFound):
+        e.client.app[ENGINE].demo_member_token("alice")
     doc = await (await e.client.get("/openapi.json")).json()
     assert "/v1/demo/sign-in" not in doc["paths"]
     assert "demo" not in (await (await e.client.get("/")).text()).lower()

@@ -261,7 +261,7 @@
       notice("ok", "抢到了！" + (S.venues[venueId] ? S.venues[venueId].name : venueId) +
                    " 100元优惠券已放入「我的券」，券码 " + CE.displayCode(outcome.ok.code) + "。");
       loadCoupons();
-      refreshRound();
+      refreshRound(true);
     } else if (outcome.err) {
       CE.save(PENDING_KEY, null);  // a refusal is not recorded: the next tap starts afresh
       var text = GRAB_TEXT[outcome.err.code];
@@ -361,7 +361,7 @@
     else if (err.code === "unauthorized") { signOut(); notice("bad", GRAB_TEXT.unauthorized()); }
     else notice("bad", (GRAB_TEXT[err.code] || GRAB_TEXT.unavailable)(err, round));
     loadCoupons();
-    refreshRound();
+    refreshRound(true);
   }
 
   /* ---- polling: at most every second while open, with jitter; never while hidden,
@@ -386,16 +386,19 @@
     S.pollTimer = setTimeout(refreshRound, Math.max(0, delay));
   }
 
-  async function refreshRound() {
+  /* fresh: after this member's own grab or void, revalidate (ETag) instead of taking
+   * the browser's copy of up to a second ago, so the stock shown includes it. */
+  async function refreshRound(fresh) {
     var r = currentRound(CE.engineNow());
     if (r) {
-      var res = await CE.api("GET", "/v1/rounds/" + encodeURIComponent(r.id));
+      var res = await CE.api("GET", "/v1/rounds/" + encodeURIComponent(r.id),
+                             { cache: fresh === true ? "no-cache" : "default" });
       if (res.status === 200) {
-        var fresh = res.body.round;
-        S.rounds = S.rounds.map(function (x) { return x.id === fresh.id ? fresh : x; });
-        fresh.venues.forEach(function (v) {
+        var view = res.body.round;
+        S.rounds = S.rounds.map(function (x) { return x.id === view.id ? view : x; });
+        view.venues.forEach(function (v) {
           // Stock seen again (a void gave one back), beyond the second it may lag.
-          var line = fresh.id + ":" + v.venue_id;
+          var line = view.id + ":" + v.venue_id;
           if (v.remaining > 0 && Date.now() - (S.soldOut[line] || 0) > 3000) delete S.soldOut[line];
         });
         renderAll();
