@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ class Serve:
     root: Path
     campaign: str
     env_extra: dict[str, str] = field(default_factory=dict)
+    # When the campaign's first round opens, for tests that wait for it.
+    opens_at: datetime | None = None
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 

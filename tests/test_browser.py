@@ -23,7 +23,7 @@ import pytest
 from conftest import campaign_toml
 from engine import codes
 from engine.auth import mint_member_token
-from pagekit import (CHROMIUM_ARGS, Serve, Watch, bearer, chromium_path, write_y4m)
+from pagekit import CHROMIUM_ARGS, Serve, Watch, bearer, call, chromium_path, write_y4m
 
 SECRET = "browser-test-member-secret-0123456789"
 ADMIN = "browser-test-admin-token"
@@ -45,8 +45,8 @@ def member_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         {"id": "R2", "opens": now + timedelta(hours=2), "closes": now + timedelta(hours=3),
          "quota": 1, "stock": {"V01": 10}}])
     serve = Serve(tmp_path_factory.mktemp("member-engine"), text,
-                  {"COUPON_MEMBER_JWT_SECRET": SECRET, "COUPON_ADMIN_TOKEN": ADMIN}).start()
-    serve.opens_at = now + timedelta(seconds=OPENS_IN_S)  # type: ignore[attr-defined]
+                  {"COUPON_MEMBER_JWT_SECRET": SECRET, "COUPON_ADMIN_TOKEN": ADMIN},
+                  opens_at=now + timedelta(seconds=OPENS_IN_S)).start()
     yield serve
     serve.stop()
 
@@ -125,7 +125,8 @@ def my_coupons(serve: Serve, headers: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def wait_open(serve: Serve) -> None:
-    delay = (serve.opens_at - _iso_now()).total_seconds()  # type: ignore[attr-defined]
+    assert serve.opens_at is not None
+    delay = (serve.opens_at - _iso_now()).total_seconds()
     if delay > -0.5:
         time.sleep(delay + 0.5)
 
@@ -146,7 +147,8 @@ def test_countdown_and_buttons_follow_the_engine_clock_not_the_phone(
     """Two phones, one 5 minutes slow and one 3 minutes fast: both count down to the
     engine's opening and enable their grab buttons at it; then a grab, its coupon, its QR."""
     serve = member_engine
-    opens = serve.opens_at.timestamp()  # type: ignore[attr-defined]
+    assert serve.opens_at is not None
+    opens = serve.opens_at.timestamp()
     pages = []
     for skew_s, member in ((-300, "m-slow"), (180, "m-fast")):
         ctx = phone()
@@ -325,6 +327,78 @@ def test_first_load_weight_and_requests(member_engine: Serve, venue_engine: Serv
     assert results["venue"]["static_bytes"] < 90_000, results["venue"]
 
 
+def test_polling_is_at_most_every_second_and_stops_hidden_or_sold_out(
+        browser: Any, phone: Any, tmp_path_factory: pytest.TempPathFactory,
+        tmp_path: Path) -> None:
+    now = _iso_now()
+    serve = Serve(tmp_path_factory.mktemp("poll-engine"), campaign_toml(
+        quota=3, venues=("V01", "V02"), rounds=[{
+            "id": "R1", "opens": now - timedelta(minutes=5), "closes": now + timedelta(hours=1),
+            "quota": 1, "stock": {"V01": 1, "V02": 1}}]),
+        {"COUPON_MEMBER_JWT_SECRET": SECRET, "COUPON_ADMIN_TOKEN": ADMIN}).start()
+    try:
+        page, watch = open_page(phone(), serve.base + "/")
+        polls: list[float] = []
+        page.on("request", lambda r: polls.append(time.monotonic())
+                if r.url.endswith("/v1/rounds/R1") else None)
+        # Playwright delivers events while it waits, so wait through it, not time.sleep.
+        page.wait_for_timeout(5000)
+        gaps = [b - a for a, b in zip(polls, polls[1:])]
+        assert 3 <= len(polls) <= 5, polls
+        assert min(gaps) >= 0.95, gaps  # at most once a second, jittered
+        # Hidden (as the browser tells a page its tab went away): no polls at all. Right
+        # after a poll, so the next one is due within the 3 s watched.
+        with page.expect_request(lambda r: r.url.endswith("/v1/rounds/R1")):
+            pass
+        page.wait_for_timeout(100)
+        page.evaluate("""Object.defineProperty(document, 'hidden',
+                             {configurable: true, get: () => true});
+                         document.dispatchEvent(new Event('visibilitychange'))""")
+        n = len(polls)
+        page.wait_for_timeout(3000)
+        assert len(polls) == n, "polled while hidden"
+        page.evaluate("""Object.defineProperty(document, 'hidden',
+                             {configurable: true, get: () => false});
+                         document.dispatchEvent(new Event('visibilitychange'))""")
+        page.wait_for_timeout(2500)
+        assert len(polls) > n, "did not resume when shown again"
+        # Hidden while a poll is on its way: its answer must not schedule another.
+        page.evaluate("""(() => {
+            const real = window.fetch;
+            window.fetch = function (url, init) {
+                const p = real.call(this, url, init);
+                if (String(url).endsWith('/v1/rounds/R1') && !window.hidOnce) {
+                    window.hidOnce = true;
+                    Object.defineProperty(document, 'hidden',
+                                          {configurable: true, get: () => true});
+                    document.dispatchEvent(new Event('visibilitychange'));
+                }
+                return p;
+            };
+        })()""")
+        page.wait_for_timeout(2000)  # the next poll goes out, and the page hides
+        assert page.evaluate("window.hidOnce === true")
+        n = len(polls)
+        page.wait_for_timeout(3000)
+        assert len(polls) == n, "a poll answered while hidden scheduled another"
+        page.evaluate("""Object.defineProperty(document, 'hidden',
+                             {configurable: true, get: () => false});
+                         document.dispatchEvent(new Event('visibilitychange'))""")
+        # Every venue sold out: the page says so and stops asking.
+        for member, venue in (("p1", "V01"), ("p2", "V02")):
+            assert serve.post("/v1/rounds/R1/grab", {"venue_id": venue},
+                              member_headers(member)).status == 201
+        expect()(page.locator("#countdown")).to_have_text("第 R1 场的券已全部抢光")
+        for venue in ("V01", "V02"):
+            expect()(grab_button(page, venue)).to_have_text("已抢光")
+        n = len(polls)
+        page.wait_for_timeout(3500)
+        assert len(polls) == n, "polled after every venue sold out"
+        finish(page, watch, tmp_path)
+    finally:
+        serve.stop()
+
+
 # --- the demo sign-in (development secrets) -----------------------------------------
 
 def test_demo_sign_in_then_grab_and_the_round_quota(venue_engine: Serve, phone: Any,
@@ -452,7 +526,6 @@ def test_typed_codes_are_forgiven_immediate_mode_void_and_sign_out(
     # A coupon its member handed back, and a code that does not exist.
     voided = demo_coupon(serve, "type-3", "V01")
     token = serve.post("/v1/demo/sign-in", {"member_id": "type-3"}).json()["token"]
-    from pagekit import call
     assert call("DELETE", f"{serve.base}/v1/me/coupons/{voided}", None,
                 bearer(token)).status == 200
     page.locator("#manual-code").fill(voided)
