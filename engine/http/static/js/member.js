@@ -248,7 +248,9 @@
       }
       wait += Math.random() * 400;  // a million retries must not land together
       if (attempt === GRAB_ATTEMPTS || performance.now() - started + wait > GRAB_BUDGET_MS) {
-        outcome = { unknown: err };
+        // Out of tries: unknown after a lost answer, else the last refusal stands.
+        outcome = res.network || res.status === 503 || res.status === 429
+          ? { unknown: err } : { err: err };
         break;
       }
       notice("info", "网络繁忙，正在重试（第 " + (attempt + 1) + " 次）…");
