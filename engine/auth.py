@@ -35,6 +35,9 @@ _CACHE_MAX = 100_000
 class Secrets:
     member_jwt_secret: str
     admin_token: str
+    # Both secrets are the engine's own (generated or read from <data dir>/secrets.json),
+    # not configured: only then may the pages offer a demo sign-in (docs/pages.md).
+    development: bool = False
 
 
 def resolve_secrets(settings: Settings) -> Secrets:
@@ -63,7 +66,8 @@ def resolve_secrets(settings: Settings) -> Secrets:
                     "COUPON_ADMIN_TOKEN in production)", path)
     elif not (member and admin):
         log.info("using development secrets from %s", path)
-    return Secrets(member or stored["member_jwt_secret"], admin or stored["admin_token"])
+    return Secrets(member or stored["member_jwt_secret"], admin or stored["admin_token"],
+                   development=not member and not admin)
 
 
 def mint_member_token(secret: str, member_id: str, ttl_s: int = 3600,

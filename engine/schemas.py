@@ -104,6 +104,52 @@ class RoundsReply(msgspec.Struct, frozen=True):
     rounds: list[RoundView]
 
 
+# The pages' read-only additions to the contract (docs/pages.md).
+
+class VenueInfo(msgspec.Struct, frozen=True):
+    venue_id: str
+    name: str
+    kind: str
+    city: str
+
+
+class CampaignView(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    timezone: str
+    face_value_fen: int
+    member_price_fen: int
+    member_campaign_quota: int
+    venues: list[VenueInfo]
+
+
+class CampaignReply(msgspec.Struct, frozen=True):
+    campaign: CampaignView
+
+
+class TimeReply(msgspec.Struct, frozen=True):
+    now: str
+
+
+class VenueReply(msgspec.Struct, frozen=True):
+    venue: VenueInfo
+
+
+class DemoSignInRequest(Body, frozen=True):
+    member_id: Ident
+
+    def __post_init__(self) -> None:
+        if not _IDENT_FULL.fullmatch(self.member_id):
+            raise ValueError("member_id must be 1-64 characters of A-Za-z0-9_.-")
+
+
+class DemoSignInReply(msgspec.Struct, frozen=True):
+    token: str
+    member_id: str
+    expires_at: str
+
+
 encoder = msgspec.json.Encoder()
 grab_decoder = msgspec.json.Decoder(GrabRequest)
 redeem_decoder = msgspec.json.Decoder(RedeemRequest)
+demo_sign_in_decoder = msgspec.json.Decoder(DemoSignInRequest)

@@ -15,13 +15,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from . import codes, errors
-from .auth import MemberVerifier, Secrets, bearer, check_admin, resolve_secrets
+from .auth import MemberVerifier, Secrets, bearer, check_admin, mint_member_token, resolve_secrets
 from .campaign import ID_RE, Campaign
 from .config import Settings
 from .domain import CouponState, coupon_view, line_key, rfc3339, round_state
 from .metrics import Metrics
 from .ratelimit import FailureWindow, TokenBucket, retry_after
-from .schemas import Coupon, RoundStats, RoundView, VenueStats, VenueStock
+from .schemas import (
+    CampaignView,
+    Coupon,
+    DemoSignInReply,
+    RoundStats,
+    RoundView,
+    VenueInfo,
+    VenueStats,
+    VenueStock,
+)
 from .store import GrabResult, Store, active_campaign, client_for, connect_with_retry, shard_count
 from .store.scripts import GrabOutcome, RedeemOutcome, VoidOutcome
 
@@ -33,6 +42,8 @@ CLOCK_MARGIN_MS = 500
 POLL_INTERVAL_S = 0.5
 # Refill-and-grab tries for a member whose stock shard is dry (docs/cluster.md).
 _REFILL_ATTEMPTS = 32
+# Lifetime of a member token from the demo sign-in (development secrets only).
+DEMO_TOKEN_TTL_S = 12 * 3600
 
 # Each script's refusals as the contract's errors (errors.py). An outcome that is
 # not here is a success or an engine bug (BAD_ARGUMENT, CODE_COLLISION).
@@ -377,6 +388,39 @@ class Engine:
             state=round_state(r, int(self.state.redis_now_ms())),
             member_round_quota=r.member_round_quota, venues=venues)
 
+    # The pages' read-only additions (docs/pages.md): only what the worker already knows.
+
+    def campaign_view(self) -> CampaignView:
+        c = self.campaign
+        return CampaignView(
+            id=c.id, name=c.name, timezone=c.timezone, face_value_fen=c.face_value_fen,
+            member_price_fen=c.member_price_fen, member_campaign_quota=c.member_campaign_quota,
+            venues=[VenueInfo(venue_id=v.id, name=v.name, kind=v.kind, city=v.city)
+                    for v in c.venues])
+
+    def engine_time(self) -> str:
+        """The Redis clock as this worker estimates it (the clock that opens rounds),
+        with milliseconds; uncached, unlike ``rfc3339``, since every call is a new instant."""
+        return rfc3339.__wrapped__(int(self.state.redis_now_ms()), self.campaign.timezone)
+
+    def venue_view(self, venue_id: str) -> VenueInfo:
+        v = self.campaign.venue(venue_id)
+        if v is None:  # a key for a venue the campaign no longer has: not a key at all
+            raise errors.Unauthorized("invalid venue key")
+        return VenueInfo(venue_id=v.id, name=v.name, kind=v.kind, city=v.city)
+
+    def demo_member_token(self, member_id: str) -> DemoSignInReply:
+        """A member token for any id: only with the engine's development secrets, which
+        sign nothing the union's identity service would."""
+        if not self.secrets.development:
+            raise errors.NotFound("no demo sign-in with configured secrets")
+        now = time.time()
+        return DemoSignInReply(
+            token=mint_member_token(self.secrets.member_jwt_secret, member_id,
+                                    DEMO_TOKEN_TTL_S, now=now),
+            member_id=member_id,
+            expires_at=rfc3339(int(now + DEMO_TOKEN_TTL_S) * 1000, self.campaign.timezone))
+
     async def round_stats(self, round_id: str) -> RoundStats:
         c = self.campaign
         r = c.round(round_id)
@@ -465,7 +509,8 @@ class Engine:
                 await asyncio.sleep(1.0)
 
 
-async def open_engine(settings: Settings, redis_url: str, metrics: Metrics) -> Engine:
+async def open_engine(settings: Settings, redis_url: str, metrics: Metrics,
+                      secrets: Secrets | None = None) -> Engine:
     """One worker's Engine on the Redis at ``redis_url``, its state read once and its
     hot-path connection open."""
     client = client_for(settings, redis_url)
@@ -478,7 +523,8 @@ async def open_engine(settings: Settings, redis_url: str, metrics: Metrics) -> E
     except BaseException:
         await client.aclose()
         raise
-    engine = Engine(Store(client, campaign, settings, shards=shards), resolve_secrets(settings),
+    engine = Engine(Store(client, campaign, settings, shards=shards),
+                    secrets or resolve_secrets(settings),
                     member_rate=settings.member_rate, member_burst=settings.member_burst,
                     venue_bad_code_limit=settings.venue_bad_code_limit, metrics=metrics)
     metrics.prime(campaign)

@@ -11,10 +11,11 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .. import errors
+from ..auth import resolve_secrets
 from ..config import Settings
 from ..metrics import Metrics
 from ..service import open_engine
-from . import openapi
+from . import openapi, public
 from .handlers import ENGINE, OPENAPI, add_routes, error_response
 
 log = logging.getLogger("engine.app")
@@ -71,10 +72,12 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     metrics = Metrics()
     app = web.Application(middlewares=[engine_middleware(metrics)],
                           client_max_size=64 * 1024)
-    app[OPENAPI] = openapi.document()
+    # Read once here: whether the secrets are the development ones decides the routes.
+    secrets = resolve_secrets(settings)
+    app[OPENAPI] = openapi.document(demo_sign_in=secrets.development)
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
-        engine = await open_engine(settings, redis_url, metrics)
+        engine = await open_engine(settings, redis_url, metrics, secrets)
         app[ENGINE] = engine
         tasks = [asyncio.create_task(engine.poll_forever(), name="state-poller"),
                  asyncio.create_task(engine.listen_forever(), name="notify-listener"),
@@ -92,4 +95,5 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
 
     app.cleanup_ctx.append(engine_ctx)
     add_routes(app)
+    public.add_routes(app, demo_sign_in_route=secrets.development)
     return app

@@ -23,6 +23,7 @@ from ..schemas import (
 )
 from ..service import Engine
 from . import qr
+from .caching import cached_json
 
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
@@ -106,11 +107,12 @@ async def coupon_qr(request: web.Request) -> web.Response:
 
 
 async def rounds(request: web.Request) -> web.Response:
-    return json_response(RoundsReply(request.app[ENGINE].rounds()))
+    return cached_json(request, RoundsReply(request.app[ENGINE].rounds()))
 
 
 async def round_(request: web.Request) -> web.Response:
-    return json_response(RoundReply(request.app[ENGINE].round(request.match_info["round_id"])))
+    engine = request.app[ENGINE]
+    return cached_json(request, RoundReply(engine.round(request.match_info["round_id"])))
 
 
 async def venue_coupon(request: web.Request) -> web.Response:
@@ -171,6 +173,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    """The contract's routes (the pages' own are ``public.add_routes``)."""
     r = app.router
     r.add_post("/v1/rounds/{round_id}/grab", grab)
     r.add_get("/v1/me/coupons", my_coupons)

@@ -107,14 +107,57 @@ VOID_ERRORS: ErrorList = (E.Unauthorized, *VOID_REFUSALS.values(), E.RateLimited
                           E.Unavailable)
 
 
-def document() -> bytes:
+def _cached(ok: dict[str, Any]) -> dict[str, Any]:
+    """A public 200 that phones and proxies may keep a second (docs/pages.md), and its
+    304 for a matching If-None-Match."""
+    for resp in ok.values():
+        resp["headers"] = {
+            "ETag": {"description": "strong tag of the body", "required": True,
+                     "schema": {"type": "string"}},
+            "Cache-Control": {"description": "public, max-age=1", "required": True,
+                              "schema": {"type": "string"}}}
+    return {**ok, "304": {"description": "not modified: If-None-Match named the current ETag"}}
+
+
+def _pages() -> dict[str, Any]:
+    """The two pages and their hashed assets (engine/http/pages.py)."""
+    html = {"200": {"description": "the page (zh-CN)",
+                    "content": {"text/html": {"schema": {"type": "string"}}}},
+            "304": {"description": "not modified"}}
+    asset = {"name": "asset", "in": "path", "required": True,
+             "description": "a content-hashed asset name the pages refer to",
+             "schema": {"type": "string", "minLength": 1}, "example": "app.0123456789ab.css"}
+    return {
+        "/": {"get": _op("memberPage", "The members' grab page", html, {}, security=None)},
+        "/venue/": {"get": _op("venuePage", "The venues' scanner page", html, {},
+                               security=None)},
+        "/venue": {"get": _op("venuePageRedirect", "Redirect to /venue/", {
+            "301": {"description": "to /venue/", "headers": {"Location": {
+                "required": True, "schema": {"type": "string"}}}}}, {}, security=None)},
+        "/static/{asset}": {"get": _op(
+            "staticAsset", "A page's script, style sheet or vendored licence (immutable)",
+            {"200": {"description": "the asset", "content": {
+                t: {"schema": {"type": "string"}}
+                for t in ("text/javascript", "text/css", "text/plain")}},
+             "304": {"description": "not modified"}},
+            _errors(E.NotFound), security=None, params=[asset])},
+    }
+
+
+def document(*, demo_sign_in: bool = False) -> bytes:
+    """The document; ``demo_sign_in`` adds the route only development secrets offer."""
     _, components = msgspec.json.schema_components(
         [schemas.GrabRequest, schemas.RedeemRequest, schemas.CouponReply, schemas.CouponsReply,
-         schemas.RedemptionsReply, schemas.RoundReply, schemas.RoundsReply, schemas.RoundStats],
+         schemas.RedemptionsReply, schemas.RoundReply, schemas.RoundsReply, schemas.RoundStats,
+         schemas.CampaignReply, schemas.TimeReply, schemas.VenueReply,
+         schemas.DemoSignInRequest, schemas.DemoSignInReply],
         ref_template="#/components/schemas/{name}")
     # Bodies: unknown fields are refused (400), as the contract says.
-    for name in ("GrabRequest", "RedeemRequest"):
+    for name in ("GrabRequest", "RedeemRequest", "DemoSignInRequest"):
         components[name]["additionalProperties"] = False
+    components["DemoSignInRequest"]["examples"] = [{"member_id": "alice"}]
+    components["TimeReply"]["properties"]["now"] = _TIME
+    components["DemoSignInReply"]["properties"]["expires_at"] = _TIME
     components["GrabRequest"]["examples"] = [{"venue_id": "V01"}]
     components["RedeemRequest"]["examples"] = [{"code": "7K3M-Q9ZR-4TXW-2HBN-P"}]
     # Wire times are RFC 3339 with an offset; redeemed_at is null until redeemed.
@@ -167,11 +210,23 @@ def document() -> bytes:
                 "image/svg+xml": {"schema": {"type": "string"}}}}},
             _errors(E.Unauthorized, E.CouponNotFound, E.Unavailable),
             security="member", params=[_code_param()])},
-        "/v1/rounds": {"get": _op("listRounds", "All rounds", _ok(200, "RoundsReply"), {},
-                                  security=None)},
+        "/v1/rounds": {"get": _op("listRounds", "All rounds", _cached(_ok(200, "RoundsReply")),
+                                  {}, security=None)},
         "/v1/rounds/{round_id}": {"get": _op(
-            "getRound", "One round", _ok(200, "RoundReply"), _errors(E.RoundNotFound),
-            security=None, params=[_round_param()])},
+            "getRound", "One round", _cached(_ok(200, "RoundReply")),
+            _errors(E.RoundNotFound), security=None, params=[_round_param()])},
+        "/v1/campaign": {"get": _op(
+            "getCampaign", "The campaign's name, time zone, prices, quota and venues",
+            _cached(_ok(200, "CampaignReply")), {}, security=None,
+            description="A read-only addition for the pages (docs/pages.md).")},
+        "/v1/time": {"get": _op(
+            "engineTime", "The engine's clock (the one that opens rounds)",
+            _ok(200, "TimeReply"), {}, security=None,
+            description="Never cached. Pages correct it by half the round trip "
+                        "(docs/pages.md).")},
+        "/v1/venue/me": {"get": _op(
+            "venueMe", "The venue this key acts for", _ok(200, "VenueReply"),
+            _errors(E.Unauthorized, E.Unavailable), security="venue")},
         "/v1/venue/coupons/{code}": {"get": _op(
             "venueLookUpCoupon", "Look at a coupon without redeeming it",
             _ok(200, "CouponReply"),
@@ -206,6 +261,14 @@ def document() -> bytes:
             "description": "OpenAPI 3", "content": {JSON: {"schema": {"type": "object"}}}}}, {},
             security=None)},
     }
+    paths.update(_pages())
+    if demo_sign_in:
+        paths["/v1/demo/sign-in"] = {"post": _op(
+            "demoSignIn", "A member token for any member id (development secrets only)",
+            _ok(200, "DemoSignInReply"), _errors(E.InvalidRequest), security=None,
+            body="DemoSignInRequest",
+            description="Registered only when the engine made its own secrets; with "
+                        "configured secrets the route does not exist (404).")}
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "coupon engine", "version": "1",
