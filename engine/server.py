@@ -128,8 +128,24 @@ async def run_archiver(settings: Settings, url: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("ledger archiver writing %s", settings.ledger_path)
+    sampler = asyncio.create_task(_sample_process("archiver", stop))
     await run_in_background(url, settings.ledger_path, stop, cluster=settings.redis_cluster)
+    await sampler
     log.info("ledger archiver stopped")
+
+
+async def _sample_process(role: str, stop: asyncio.Event) -> None:
+    """CPU and memory of this process for /metrics (workers do it in their flush loop)."""
+    from prometheus_client import CollectorRegistry
+
+    from .metrics import PROCESS_SAMPLE_S, ProcessGauges
+    gauges = ProcessGauges(CollectorRegistry(), role)
+    while not stop.is_set():
+        gauges.sample()
+        try:
+            await asyncio.wait_for(stop.wait(), PROCESS_SAMPLE_S)
+        except asyncio.TimeoutError:
+            pass
 
 
 # The archiver copies what Redis already holds durably; during a burst it yields the
