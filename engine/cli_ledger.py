@@ -274,6 +274,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _fail(f"cannot reach Redis: {exc}", 1)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The round report (engine/report.py): the ledger only, never Redis."""
+    from . import report
+    s = _settings(args)
+    try:
+        summary = report.run(s.ledger_path, args.round, Path(args.out))
+    except report.ReportError as exc:
+        return _fail(str(exc))
+    zh, en = report.summary_text(summary)
+    print(zh)
+    print(en)
+    print(f"written: {Path(args.out) / 'report.html'} (and its PNG and CSV files)")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None,
                    help="Redis URL (default: COUPON_REDIS_URL, else the embedded Redis)")
@@ -284,7 +299,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add archive / reconcile / settle / statement to the main parser."""
+    """Add archive / reconcile / settle / statement / report / restore to the main parser."""
     p = subparsers.add_parser("archive", help="move the event stream into the ledger")
     p.add_argument("--follow", action="store_true", help="keep archiving until interrupted")
     _common(p)
@@ -304,6 +319,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=".", metavar="DIR")
     _common(p)
     p.set_defaults(func=_ledger_command(_do_statement))
+
+    p = subparsers.add_parser(
+        "report", help="the round report (HTML, PNG, CSV) from the ledger alone")
+    p.add_argument("--round", default=None, metavar="R",
+                   help="the round (default: the latest round that granted coupons)")
+    p.add_argument("--out", default=".", metavar="DIR")
+    p.add_argument("--data-dir", default=None,
+                   help="data directory holding ledger.sqlite3 (default: COUPON_DATA_DIR,"
+                        " else ./var)")
+    p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser(
         "restore", help="rebuild the campaign's Redis state from the ledger after Redis lost it")
