@@ -274,26 +274,25 @@ def sellout_order(rep: Report) -> list[VenueLine]:
 def summary(rep: Report) -> dict[str, Any]:
     r, c = rep.round, rep.campaign
     granted = sum(len(ln.grant_ms) for ln in rep.lines)
-    sold = [ln for ln in rep.lines if ln.sold_out_ms is not None]
     b = rep.budget
     out: dict[str, Any] = {
         "campaign_id": c.id, "round_id": r.id,
         "opens_at": local_time(r.opens_at_ms, c.timezone),
         "closes_at": local_time(r.closes_at_ms, c.timezone),
         "stock": sum(r.stock.values()), "coupons": granted, "members": rep.round_members,
-        "venues": len(rep.lines), "venues_sold_out": len(sold),
+        "venues": len(rep.lines),
+        "venues_sold_out": sum(1 for ln in rep.lines if ln.sold_out_ms is not None),
         "first_sold_out_after_s": None, "all_sold_out_after_s": None,
         "redeemed": b["redeemed"], "issued": b["issued"],
         "redeemed_share": share(b["redeemed"], b["issued"]),
         "budget_fen": b["budget_fen"], "committed_fen": b["committed_fen"],
         "redeemed_fen": b["redeemed_fen"], "settled_fen": b["settled_fen"],
     }
-    if sold:
-        out["first_sold_out_after_s"] = round(
-            (min(ln.sold_out_ms for ln in sold) - r.opens_at_ms) / 1000, 3)  # type: ignore[type-var]
-        if len(sold) == len(rep.lines):
-            out["all_sold_out_after_s"] = round(
-                (max(ln.sold_out_ms for ln in sold) - r.opens_at_ms) / 1000, 3)  # type: ignore[type-var]
+    at = [ln.sold_out_ms for ln in rep.lines if ln.sold_out_ms is not None]
+    if at:
+        out["first_sold_out_after_s"] = round((min(at) - r.opens_at_ms) / 1000, 3)
+        if len(at) == len(rep.lines):
+            out["all_sold_out_after_s"] = round((max(at) - r.opens_at_ms) / 1000, 3)
     return out
 
 

@@ -635,7 +635,7 @@ class Store:
     async def sold_out_times(self) -> dict[str, int]:
         """'<round>:<venue>' -> ms when the line was first seen sold out (keys.sold_out)."""
         raw = await guarded(self.redis.hgetall(self.keys.sold_out))
-        return {f: int(v) for f, v in raw.items()}
+        return {str(f): int(v) for f, v in raw.items()}
 
     async def mark_sold_out(self, lines: list[str], now_ms: int) -> None:
         """Record the first sighting only: every worker polls, the earliest wins."""

@@ -8,7 +8,17 @@ command -v curl >/dev/null || need+=(curl)
 # Fault tests (tests/test_faults.py): strace traces the AOF's fsyncs, libfaketime skews clocks.
 command -v strace >/dev/null || need+=(strace)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
-[ "${WITH_OPS_TOOLS:-0}" = 1 ] && { command -v prometheus >/dev/null || need+=(prometheus); command -v wrk >/dev/null || need+=(wrk); }
+# The round report (coupon-engine report) draws Chinese text with Noto Sans CJK; its test
+# renders the page in Debian's Chromium (driven by Playwright, never a downloaded browser).
+ls /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc >/dev/null 2>&1 || need+=(fonts-noto-cjk)
+command -v chromium >/dev/null || need+=(chromium)
+if [ "${WITH_OPS_TOOLS:-0}" = 1 ]; then
+  command -v prometheus >/dev/null || need+=(prometheus)
+  command -v wrk >/dev/null || need+=(wrk)
+  # Dashboards and alerts (tests/test_dashboards.py, tests/test_alerting.py).
+  command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
+  command -v prometheus-redis-exporter >/dev/null || need+=(prometheus-redis-exporter)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

@@ -17,7 +17,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
@@ -455,3 +454,40 @@ def test_markers_are_drawn_where_the_curve_asks() -> None:
     assert xs == [3.5, 9.0]
     assert [t.get_text() for t in ax.texts] == ["pause", "resume"]
     plt.close(fig)
+
+
+def test_sell_out_counts_returned_stock_and_weeks_start_on_monday(tmp_path: Path) -> None:
+    """A void while the round is open puts the coupon back on sale: the line sells out
+    at the grant that takes the returned one. Weeks are Mondays in campaign time."""
+    now = datetime(2024, 12, 20, 2, 0, tzinfo=timezone.utc)   # Friday 10:00 in Shanghai
+    c = cmp.parse_campaign(campaign_text(now - timedelta(seconds=OPEN_DELAY_S)))
+    opens = c.round("R1").opens_at_ms
+    v10 = "V10"  # stock 3
+
+    def ev(i: int, etype: str, at: int, member: str, code: str, **extra: str) -> tuple:
+        return (f"{at}-{i}", {"type": etype, "code": code, "round": "R1", "venue": v10,
+                              "member": member, "at": str(at), **extra})
+    day = 86_400_000
+    events = [ev(0, "grant", opens + 100, "a", "C1", idem=""),
+              ev(1, "grant", opens + 200, "b", "C2", idem=""),
+              ev(2, "void", opens + 300, "b", "C2", restocked="1"),
+              ev(3, "grant", opens + 400, "c", "C3", idem=""),
+              ev(4, "grant", opens + 500, "d", "C4", idem=""),     # the 3rd live coupon
+              ev(5, "redeem", opens + 3 * day, "a", "C1"),        # Monday 10:00 local
+              ev(6, "redeem", opens + 2 * day + 13 * 3_600_000 + 59 * 60_000, "c", "C3")]
+    # ... the last one Sunday 23:59 local: still the week of the 16th.
+    path = tmp_path / "var" / "ledger.sqlite3"
+    with Ledger(path) as led:
+        led.save_campaign(c)
+        led.insert_events(c.id, events)
+    rep = report.run(path, None, tmp_path / "out")
+    times = {t["venue_id"]: t for t in read_csv(tmp_path / "out" / "sellout_times.csv")}
+    assert times[v10]["sold_out_after_s"] == "0.500"
+    assert times[v10]["granted"] == "4"
+    assert rep["venues_sold_out"] == 1 and rep["first_sold_out_after_s"] == 0.5
+    weeks = read_csv(tmp_path / "out" / "redemption_by_week.csv")
+    assert [(w["week_start"], w["issued"], w["void"], w["redeemed"]) for w in weeks] == \
+        [("2024-12-16", "4", "1", "1"), ("2024-12-23", "0", "0", "1")]
+    assert weeks[-1]["cumulative_redeemed_share"] == "0.5000"
+    budget = {b["item"]: b for b in read_csv(tmp_path / "out" / "budget.csv")}
+    assert budget["committed"]["fen"] == str(3 * 9900) and budget["committed"]["yuan"] == "297.00"
