@@ -358,6 +358,9 @@ async def test_totals_schedule_and_sold_out_gauges(make_engine, redis_url: str) 
     assert s[("coupon_stock_remaining", line)] == 1
     assert s[("coupon_stock_sold_out_at_seconds", line)] == at_ms / 1000
     assert int(await eng.redis.hget(key, "R1:V01")) == at_ms
+    # Two workers that both saw it: the earlier sighting is kept.
+    await eng.client.app[ENGINE].store.mark_sold_out(["R1:V01"], at_ms + 5000)
+    assert int(await eng.redis.hget(key, "R1:V01")) == at_ms
 
 
 def test_process_gauges_per_live_process(tmp_path: Path, redis_url: str) -> None:

@@ -485,6 +485,11 @@ def test_sell_out_counts_returned_stock_and_weeks_start_on_monday(tmp_path: Path
     assert times[v10]["sold_out_after_s"] == "0.500"
     assert times[v10]["granted"] == "4"
     assert rep["venues_sold_out"] == 1 and rep["first_sold_out_after_s"] == 0.5
+    # Grants exactly on a row's instant count in that row.
+    curve = read_csv(tmp_path / "out" / "sellout_curve.csv")
+    assert [(row["seconds_since_open"], row[v10], row["total"]) for row in curve] == [
+        ("0.000", "0", "0"), ("0.100", "1", "1"), ("0.200", "2", "2"), ("0.300", "2", "2"),
+        ("0.400", "3", "3"), ("0.500", "4", "4")]
     weeks = read_csv(tmp_path / "out" / "redemption_by_week.csv")
     assert [(w["week_start"], w["issued"], w["void"], w["redeemed"]) for w in weeks] == \
         [("2024-12-16", "4", "1", "1"), ("2024-12-23", "0", "0", "1")]
