@@ -460,6 +460,8 @@ def snapshot(redis_url: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         for key in sorted(r.scan_iter(count=1000)):
+            if key.endswith(":soldout"):
+                continue  # the state pollers' monitoring record (keys.sold_out)
             kind = r.type(key)
             if kind == "hash":
                 out[key] = r.hgetall(key)

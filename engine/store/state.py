@@ -249,6 +249,18 @@ class Store:
     async def stats(self) -> dict[str, int]:
         return _sum(await self.stats_by_shard())
 
+    async def sold_out_times(self) -> dict[str, int]:
+        """'<round>:<venue>' -> ms when the line was first seen sold out (keys.sold_out)."""
+        raw = await guarded(self.redis.hgetall(self.keys.sold_out))
+        return {str(f): int(v) for f, v in raw.items()}
+
+    async def mark_sold_out(self, lines: list[str], now_ms: int) -> None:
+        """Record the first sighting only: every worker polls, the earliest wins."""
+        pipe = self.redis.pipeline(transaction=False)
+        for line in lines:
+            pipe.hsetnx(self.keys.sold_out, line, now_ms)
+        await guarded(pipe.execute())
+
     async def ledger_lag(self) -> int:
         """Events on the stream not yet archived into the ledger."""
         return await guarded(streams.lag(self.redis, self.campaign.id, self.shards))
