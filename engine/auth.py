@@ -21,7 +21,7 @@ from typing import Any
 import jwt
 import msgspec
 
-from .config import Settings
+from .config import DEFAULT_ADMIN_NAME, Settings
 from .errors import Unauthorized
 
 log = logging.getLogger("engine.auth")
@@ -34,10 +34,20 @@ _CACHE_MAX = 100_000
 @dataclass(frozen=True, slots=True)
 class Secrets:
     member_jwt_secret: str
+    # The unnamed operator token (COUPON_ADMIN_TOKEN, or the development one), '' when
+    # only named tokens are configured.
     admin_token: str
     # Both secrets are the engine's own (generated or read from <data dir>/secrets.json),
     # not configured: only then may the pages offer a demo sign-in (docs/pages.md).
     development: bool = False
+    # Named operator tokens (name, token) from COUPON_ADMIN_TOKENS.
+    named_admins: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def admins(self) -> tuple[tuple[str, str], ...]:
+        """Every operator credential, (name, token): the unnamed one is "admin"."""
+        unnamed = ((DEFAULT_ADMIN_NAME, self.admin_token),) if self.admin_token else ()
+        return unnamed + self.named_admins
 
 
 def resolve_secrets(settings: Settings) -> Secrets:
@@ -45,10 +55,13 @@ def resolve_secrets(settings: Settings) -> Secrets:
 
     The development file is created on first use, readable by its owner only,
     so ``coupon-engine token ...`` and ``serve`` on the same data directory agree.
+    Named operator tokens (COUPON_ADMIN_TOKENS) configure the operators as
+    COUPON_ADMIN_TOKEN does: no development admin token is made beside them.
     """
-    member, admin = settings.member_jwt_secret, settings.admin_token
-    if member and admin:
-        return Secrets(member, admin)
+    member, admin, named = settings.member_jwt_secret, settings.admin_token, \
+        settings.admin_tokens
+    if member and (admin or named):
+        return Secrets(member, admin or "", named_admins=named)
     path = settings.secrets_path
     stored: dict[str, str] = {}
     if path.exists():
@@ -66,8 +79,9 @@ def resolve_secrets(settings: Settings) -> Secrets:
                     "COUPON_ADMIN_TOKEN in production)", path)
     elif not (member and admin):
         log.info("using development secrets from %s", path)
-    return Secrets(member or stored["member_jwt_secret"], admin or stored["admin_token"],
-                   development=not member and not admin)
+    unnamed = admin or ("" if named else stored["admin_token"])
+    return Secrets(member or stored["member_jwt_secret"], unnamed,
+                   development=not member and not admin and not named, named_admins=named)
 
 
 def mint_member_token(secret: str, member_id: str, ttl_s: int = 3600,
@@ -198,6 +212,20 @@ def check_admin(token: str, admin_token: str) -> None:
         raise Unauthorized("invalid admin token")
     if not hmac.compare_digest(token.encode(), admin_token.encode()):
         raise Unauthorized("invalid admin token")
+
+
+def admin_name(token: str, admins: tuple[tuple[str, str], ...]) -> str:
+    """The name of the operator whose token this is (what the audit records); every
+    token is compared, in constant time, whichever matches."""
+    if not token.isascii():
+        raise Unauthorized("invalid admin token")
+    found = None
+    for name, expected in admins:
+        if hmac.compare_digest(token.encode(), expected.encode()) and found is None:
+            found = name
+    if found is None:
+        raise Unauthorized("invalid admin token")
+    return found
 
 
 def bearer(header: str | None) -> str:

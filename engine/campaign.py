@@ -246,18 +246,69 @@ class UpdatePlan(msgspec.Struct, frozen=True):
     noop: bool
 
 
-def plan_update(old: Campaign | None, new: Campaign, now_ms: int) -> UpdatePlan:
+class Overrides(msgspec.Struct, frozen=True):
+    """What operators changed in a loaded campaign, kept apart from the document the
+    file loaded (docs/decisions.md, "Operator overrides"): rounds closed early
+    (round -> the close, ms) and stock added to lines ('<round>:<venue>' -> units)."""
+
+    closed: dict[str, int] = msgspec.field(default_factory=dict)
+    added: dict[str, int] = msgspec.field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.closed and not self.added
+
+
+def with_overrides(c: Campaign, ov: Overrides) -> Campaign:
+    """The campaign as the engine runs it: the file's document with the operators'
+    changes applied. A round closed early closes then (one that had not opened yet
+    opens and closes at that instant: it is cancelled); added stock is part of the
+    line's stock."""
+    if ov.empty:
+        return c
+    rounds = []
+    for r in c.rounds:
+        closes = ov.closed.get(r.id)
+        if closes is not None and closes < r.closes_at_ms:
+            r = msgspec.structs.replace(r, closes_at_ms=closes,
+                                        opens_at_ms=min(r.opens_at_ms, closes))
+        extra = {vid: ov.added[f"{r.id}:{vid}"] for vid in r.stock if f"{r.id}:{vid}" in ov.added}
+        if extra:
+            r = msgspec.structs.replace(
+                r, stock={vid: n + extra.get(vid, 0) for vid, n in r.stock.items()})
+        rounds.append(r)
+    return msgspec.structs.replace(c, rounds=tuple(rounds))
+
+
+def check_budget(c: Campaign) -> None:
+    """Total stock (as run: additions included) x settlement within the budget."""
+    total = c.total_stock * c.settlement_fen
+    if total > c.budget_fen:
+        raise CampaignError(
+            f"total stock {c.total_stock} (operators' additions included) x settlement_fen"
+            f" {c.settlement_fen} = {total} fen is over budget_fen {c.budget_fen}")
+
+
+def plan_update(old: Campaign | None, new: Campaign, now_ms: int,
+                overrides: Overrides | None = None) -> UpdatePlan:
     """Decide whether ``new`` may replace ``old`` at Redis time ``now_ms``.
 
     Allowed: new venues, new rounds, descriptive edits (names, cities, kinds,
     campaign name), a larger budget, and more stock (or new stock lines) in
     rounds that have not opened. Everything else could rewrite what members
     already hold or were promised, and is refused.
+
+    ``old`` is the document as loaded from its file; ``overrides`` are the operators'
+    changes since, which a reload keeps: a round an operator closed counts as opened
+    (its document may not change), and added stock stays added (the budget check
+    counts it).
     """
+    ov = overrides or Overrides()
     if old is None:
         return UpdatePlan(new, tuple(r.id for r in new.rounds), (), False)
     if old == new:
         return UpdatePlan(new, (), (), True)
+    check_budget(with_overrides(new, ov))
     if old.id != new.id:
         raise CampaignError(
             f"this engine holds campaign {old.id!r}; refusing to load campaign {new.id!r}")
@@ -286,6 +337,8 @@ def plan_update(old: Campaign | None, new: Campaign, now_ms: int) -> UpdatePlan:
             continue
         if prev.opens_at_ms <= now_ms:
             raise CampaignError(f"round {r.id} has opened; it cannot change")
+        if r.id in ov.closed:
+            raise CampaignError(f"round {r.id} was closed by an operator; it cannot change")
         for f in ("opens_at_ms", "closes_at_ms", "member_round_quota", "valid_from_ms",
                   "valid_until_ms"):
             if getattr(prev, f) != getattr(r, f):

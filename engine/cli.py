@@ -7,23 +7,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import campaign as cmp
+from . import errors
 from .auth import mint_member_token, resolve_secrets
 from .campaign import ID_RE
 from .cliargs import add_engine_args, fail
-from .config import Settings, from_flags
+from .config import ConfigError, Settings, from_flags
 from .http import alert_relay
 from .ledger import cli as ledger_cli
 from .logs import setup_logging
+from .schemas import encoder
 from .server import serve
-from .store import Store, active_campaign, client_for, connect_with_retry, load_campaign
+from .service import Controls
+from .store import (
+    Store,
+    active_campaign,
+    client_for,
+    connect_with_retry,
+    load_campaign,
+    shard_count,
+)
 from .store.embedded import EmbeddedRedisError, engine_redis
 
 
@@ -101,7 +112,18 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(mint_member_token(resolve_secrets(settings).member_jwt_secret, args.id, args.ttl))
         return 0
     if args.kind == "admin":
-        print(resolve_secrets(settings).admin_token)
+        secrets = resolve_secrets(settings)
+        if args.id:
+            named = dict(secrets.admins)
+            if args.id not in named:
+                return fail(f"no operator token named {args.id!r} (COUPON_ADMIN_TOKENS names"
+                            f" {', '.join(sorted(named)) or 'none'})")
+            print(named[args.id])
+        elif secrets.admin_token:
+            print(secrets.admin_token)
+        else:
+            return fail("only named operator tokens are configured; name one: token admin"
+                        f" NAME ({', '.join(n for n, _ in secrets.named_admins)})")
         return 0
     return _venue_token(settings, args)
 
@@ -126,6 +148,50 @@ def _venue_token(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return with_redis(settings, act)
+
+
+def cli_operator() -> str:
+    """Who the audit records for a control run from the command line: it presents no
+    token (it reaches Redis directly), so the login that ran it."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli:unknown"
+
+
+def _control(settings: Settings, act: Callable[[Controls, str], Awaitable[Any]]) -> int:
+    """Run one operator control against the engine's Redis; print the reply as JSON."""
+    async def run(client: Any) -> int:
+        c = await active_campaign(client)
+        if c is None:
+            return fail("no campaign is loaded")
+        store = Store(client, c, settings, shards=await shard_count(client, c.id))
+        try:
+            reply = await act(Controls(store), cli_operator())
+        except errors.Unavailable as exc:
+            return fail(f"{exc.code}: {exc.message}", 1)
+        except errors.EngineError as exc:
+            return fail(f"{exc.code}: {exc.message}")
+        finally:
+            await store.wire.close()
+        print(encoder.encode(reply).decode())
+        return 0
+
+    return with_redis(settings, run)
+
+
+def cmd_round(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.action == "add-stock":
+        return _control(settings, lambda ctl, who: ctl.add_stock(
+            who, args.round, args.venue, args.units, args.reason))
+    return _control(settings, lambda ctl, who: getattr(ctl, args.action)(
+        who, args.round, args.reason))
+
+
+def cmd_redemption(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    return _control(settings, lambda ctl, who: ctl.reverse(who, args.code, args.reason))
 
 
 def cmd_alert_relay(args: argparse.Namespace) -> int:
@@ -158,8 +224,27 @@ def _shards_arg(p: argparse.ArgumentParser) -> None:
                         " fixed afterwards (else COUPON_STOCK_SHARDS, 1)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not positive")
+    return n
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr and exit 2 (contract section 4), not a
+    usage block; ``--help`` still prints the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("coupon-engine").strip()
+        self.exit(2, f"coupon-engine: {where + ': ' if where else ''}{message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coupon-engine")
+    parser = OneLineParser(prog="coupon-engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the HTTP engine")
@@ -184,9 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
     _shards_arg(c)
     c.set_defaults(func=cmd_campaign_load)
 
+    p = sub.add_parser("round", help="an operator's control of a round (audited)")
+    rsub = p.add_subparsers(dest="action", required=True)
+    for action, text in (("pause", "stop granting at once; grabs get round_paused"),
+                         ("resume", "grant again"),
+                         ("close", "close now; issued coupons stay valid")):
+        c = rsub.add_parser(action, help=text)
+        c.add_argument("round", metavar="ROUND")
+        c.add_argument("--reason", required=True, metavar="TEXT", help="1-500 characters")
+        add_engine_args(c)
+        c.set_defaults(func=cmd_round)
+    c = rsub.add_parser("add-stock", help="add N coupons to a venue's line, within budget")
+    c.add_argument("round", metavar="ROUND")
+    c.add_argument("venue", metavar="VENUE")
+    c.add_argument("units", metavar="N", type=_positive_int)
+    c.add_argument("--reason", required=True, metavar="TEXT", help="1-500 characters")
+    add_engine_args(c)
+    c.set_defaults(func=cmd_round)
+
+    p = sub.add_parser("redemption", help="an operator's correction of a redemption (audited)")
+    dsub = p.add_subparsers(dest="action", required=True)
+    c = dsub.add_parser("reverse", help="undo a mistaken redemption: the coupon is issued again")
+    c.add_argument("code", metavar="CODE")
+    c.add_argument("--reason", required=True, metavar="TEXT", help="1-500 characters")
+    add_engine_args(c)
+    c.set_defaults(func=cmd_redemption)
+
     p = sub.add_parser("token", help="print a credential the engine accepts")
     p.add_argument("kind", choices=["member", "venue", "admin"])
-    p.add_argument("id", nargs="?", help="member or venue id")
+    p.add_argument("id", nargs="?", help="member or venue id; admin: the operator's name")
     p.add_argument("--ttl", type=int, default=3600, help="member token lifetime, seconds")
     p.add_argument("--revoke", metavar="KEY_ID|all", help="venue: revoke a key (or all)")
     p.add_argument("--list", action="store_true", help="venue: list key ids")
@@ -217,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command == "token" and args.kind in ("member", "venue") and not args.id:
         return fail(f"token {args.kind} needs an id")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        return fail(str(exc))
 
 
 if __name__ == "__main__":

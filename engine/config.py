@@ -6,6 +6,7 @@ Command-line flags override the environment; nothing here runs at import time.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,9 @@ class Settings:
     allow_unsafe_redis: bool = False
     member_jwt_secret: str | None = None
     admin_token: str | None = None
+    # Named operator tokens, (name, token): the name is who the audit records
+    # (COUPON_ADMIN_TOKENS="alice:tok1,bob:tok2"); COUPON_ADMIN_TOKEN is named "admin".
+    admin_tokens: tuple[tuple[str, str], ...] = ()
     # Seconds a Redis call may take before the request is answered 503.
     redis_timeout: float = 1.0
     redis_connect_retries: int = 20
@@ -72,6 +76,35 @@ class Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable (one line)."""
+
+
+# An operator's name: what the audit log records as "who".
+_NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+DEFAULT_ADMIN_NAME = "admin"
+
+
+def parse_admin_tokens(value: str, var: str = "COUPON_ADMIN_TOKENS"
+                       ) -> tuple[tuple[str, str], ...]:
+    """'name:token,name:token' -> ((name, token), ...): names 1-64 of A-Za-z0-9_.@-,
+    tokens of printable ASCII without ',' or spaces, at least 16 characters; no name or
+    token twice."""
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(value.split(","), 1):
+        name, sep, token = item.strip().partition(":")
+        if not sep or not _NAME_RE.fullmatch(name):
+            raise ConfigError(f"{var}: entry {i} must be NAME:TOKEN with a name of 1-64"
+                              " characters of A-Za-z0-9_.@-")
+        if len(token) < 16 or not all("\x21" <= ch <= "\x7e" for ch in token):
+            raise ConfigError(f"{var}: the token of {name!r} must be at least 16 printable"
+                              " ASCII characters without spaces")
+        if any(n == name for n, _ in out) or any(t == token for _, t in out):
+            raise ConfigError(f"{var}: {name!r} repeats a name or a token")
+        out.append((name, token))
+    return tuple(out)
+
+
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
@@ -103,6 +136,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         changes["member_jwt_secret"] = v
     if v := env.get("COUPON_ADMIN_TOKEN"):
         changes["admin_token"] = v
+    if v := env.get("COUPON_ADMIN_TOKENS"):
+        changes["admin_tokens"] = parse_admin_tokens(v)
     if v := env.get("COUPON_REDIS_TIMEOUT"):
         changes["redis_timeout"] = float(v)
     if v := env.get("COUPON_MEMBER_RATE"):

@@ -23,6 +23,9 @@ class EngineError(Exception):
     extra: ClassVar[str | None] = None
     # Answered with a Retry-After header (seconds).
     retry_after: ClassVar[bool] = False
+    # The Retry-After value when the caller gives none (a refusal built from a script's
+    # outcome has no one to choose it).
+    default_retry_after_s: ClassVar[int | None] = None
 
     def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None,
                  **fields: Any) -> None:
@@ -30,6 +33,8 @@ class EngineError(Exception):
         self.message = message or self.default_message
         self.fields = fields
         self.headers = headers or {}
+        if self.default_retry_after_s is not None and "Retry-After" not in self.headers:
+            self.headers["Retry-After"] = str(self.default_retry_after_s)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.fields}}
@@ -71,6 +76,34 @@ class MethodNotAllowed(EngineError):
 class RoundNotOpen(EngineError):
     code, status, default_message = "round_not_open", 409, "the round has not opened yet"
     extra = "opens_at"
+
+
+class RoundPaused(EngineError):
+    code, status, default_message = ("round_paused", 409,
+                                     "the round is paused by the operators; try again later")
+    retry_after = True
+    # A pause lasts as long as the operators need: ask again in a while, not at once.
+    default_retry_after_s = 30
+
+
+class RoundNotPaused(EngineError):
+    code, status, default_message = "round_not_paused", 409, "the round is not paused"
+
+
+class OverBudget(EngineError):
+    code, status, default_message = ("over_budget", 409,
+                                     "this much stock would commit more than the budget")
+
+
+class NotRedeemed(EngineError):
+    code, status, default_message = ("not_redeemed", 409,
+                                     "this coupon is not redeemed; there is nothing to reverse")
+
+
+class AlreadySettled(EngineError):
+    code, status, default_message = ("already_settled", 409,
+                                     "this redemption has been settled (paid to the venue) and"
+                                     " cannot be reversed")
 
 
 class RoundQuotaExceeded(EngineError):

@@ -162,6 +162,29 @@ class Metrics:
         self.round_closes_at = Gauge(
             "coupon_round_closes_at_seconds", "The round's closing time (epoch s)",
             ["round"], registry=r, multiprocess_mode="livemostrecent")
+        # The operators' controls, from Redis (so a pause made with the CLI shows too):
+        # one metric per action; the *_at_seconds gauges are the dashboard's annotations.
+        self.round_paused = Gauge(
+            "coupon_round_paused", "1 while an operator has the round paused, else 0",
+            ["round"], registry=r, multiprocess_mode="livemostrecent")
+        self.round_paused_at = Gauge(
+            "coupon_round_paused_at_seconds", "When an operator last paused the round (epoch s)",
+            ["round"], registry=r, multiprocess_mode="livemostrecent")
+        self.round_resumed_at = Gauge(
+            "coupon_round_resumed_at_seconds",
+            "When an operator last resumed the round (epoch s)",
+            ["round"], registry=r, multiprocess_mode="livemostrecent")
+        self.round_closed_early_at = Gauge(
+            "coupon_round_closed_early_at_seconds",
+            "When an operator closed the round before its scheduled close (epoch s)",
+            ["round"], registry=r, multiprocess_mode="livemostrecent")
+        self.stock_added = Gauge(
+            "coupon_stock_added", "Stock operators added per round and venue (in the stock)",
+            ["round", "venue"], registry=r, multiprocess_mode="livemostrecent")
+        self.stock_reversed = Gauge(
+            "coupon_stock_reversed",
+            "Redemptions operators reversed per round and venue (no longer redeemed)",
+            ["round", "venue"], registry=r, multiprocess_mode="livemostrecent")
         self.process = ProcessGauges(r, "worker")
         self._rounds: frozenset[str] = frozenset()
         for s in SCRIPTS:
@@ -232,12 +255,14 @@ class Metrics:
                 self.grab_requests.labels(r.id, o)
             for st in ROUND_STATES:
                 self.round_state.labels(r.id, st)
+            self.round_paused.labels(r.id)
             for v, n in r.stock.items():
                 self.coupons_issued.labels(r.id, v)
                 self.coupons_voided.labels(r.id, v)
                 self.coupons_redeemed.labels(r.id, v)
                 self.stock_initial.labels(r.id, v).set(n)
-                for g in (self.stock_issued, self.stock_void, self.stock_redeemed):
+                for g in (self.stock_issued, self.stock_void, self.stock_redeemed,
+                          self.stock_added, self.stock_reversed):
                     g.labels(r.id, v)
         for o in GRAB_OUTCOMES:
             self.grab_requests.labels(OTHER, o)
@@ -304,6 +329,8 @@ class Metrics:
                 self.stock_issued.labels(r.id, v).set(stats.get(f"issued:{line}", 0))
                 self.stock_void.labels(r.id, v).set(stats.get(f"void:{line}", 0))
                 self.stock_redeemed.labels(r.id, v).set(stats.get(f"redeemed:{line}", 0))
+                self.stock_added.labels(r.id, v).set(stats.get(f"added:{line}", 0))
+                self.stock_reversed.labels(r.id, v).set(stats.get(f"reversed:{line}", 0))
                 at = (sold_out or {}).get(line)
                 if at is not None:
                     self.sold_out_at.labels(r.id, v).set(at / 1000)
@@ -312,6 +339,18 @@ class Metrics:
         self.budget_redeemed.set(redeemed * campaign.settlement_fen)
         self.ledger_lag.set(ledger_lag)
         self.last_poll.set(time.time())
+
+    def observe_controls(self, rounds: dict[str, tuple[bool, int | None, int | None,
+                                                         int | None]]) -> None:
+        """round -> (paused now, last pause, last resume, early close), times in ms;
+        a time gauge has a series only once its action happened."""
+        for rid, (paused, paused_at, resumed_at, closed_at) in rounds.items():
+            self.round_paused.labels(rid).set(1 if paused else 0)
+            for gauge, ms in ((self.round_paused_at, paused_at),
+                              (self.round_resumed_at, resumed_at),
+                              (self.round_closed_early_at, closed_at)):
+                if ms is not None:
+                    gauge.labels(rid).set(ms / 1000)
 
     async def watch_loop_lag(self, interval_s: float = 0.25) -> None:
         """Sleep and measure how late the loop wakes: a blocked loop shows up here."""

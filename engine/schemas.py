@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -31,6 +31,39 @@ class GrabRequest(Body, frozen=True):
 
 class RedeemRequest(Body, frozen=True):
     code: CodeText
+
+
+# The operators' controls (contract section 3, "Operator controls").
+REASON_MAX = 500
+Reason = Annotated[str, Meta(min_length=1, max_length=REASON_MAX)]
+# More than any campaign's budget could pay for; keeps the number a plain integer.
+MAX_ADD = 10_000_000
+
+
+def check_reason(reason: str) -> None:
+    """1-500 characters, not all of them blank (a reason must say something)."""
+    if not 1 <= len(reason) <= REASON_MAX:
+        raise ValueError(f"reason must be 1-{REASON_MAX} characters")
+    if not reason.strip():
+        raise ValueError("reason must not be blank")
+
+
+class ControlRequest(Body, frozen=True):
+    reason: Reason
+
+    def __post_init__(self) -> None:
+        check_reason(self.reason)
+
+
+class AddStockRequest(Body, frozen=True):
+    venue_id: Ident
+    add: Annotated[int, Meta(ge=1, le=MAX_ADD)]
+    reason: Reason
+
+    def __post_init__(self) -> None:
+        if not _IDENT_FULL.fullmatch(self.venue_id):
+            raise ValueError("venue_id must be 1-64 characters of A-Za-z0-9_.-")
+        check_reason(self.reason)
 
 
 class Coupon(msgspec.Struct, frozen=True):
@@ -75,6 +108,8 @@ class VenueStats(msgspec.Struct, frozen=True):
     returned_open: int
     returned_closed: int
     redeemed: int
+    added: int = 0      # stock operators added (included in stock)
+    reversed: int = 0   # redemptions operators reversed (no longer in redeemed)
 
 
 class RoundStats(msgspec.Struct, frozen=True):
@@ -82,6 +117,40 @@ class RoundStats(msgspec.Struct, frozen=True):
     state: Literal["scheduled", "open", "closed"]
     venues: list[VenueStats]
     totals: dict[str, int]
+    paused: bool = False
+
+
+class AdminRoundView(RoundView, frozen=True):
+    """A round as operators see it: the public view and whether it is paused."""
+
+    paused: bool
+    paused_at: str | None
+
+
+class AuditRecord(msgspec.Struct, frozen=True):
+    """One operator action as the ledger records it."""
+
+    id: str                      # the event's id in the ledger
+    action: Literal["pause", "resume", "close", "add_stock", "reverse"]
+    round_id: str
+    by: str                      # the operator credential's name
+    at: str                      # Redis time of the action
+    reason: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    venue_id: str | None = None  # add_stock, reverse
+    code: str | None = None      # reverse
+    units: int | None = None     # add_stock
+
+
+class RoundControlReply(msgspec.Struct, frozen=True):
+    round: AdminRoundView
+    audit: AuditRecord
+
+
+class ReverseReply(msgspec.Struct, frozen=True):
+    coupon: Coupon
+    audit: AuditRecord
 
 
 class CouponReply(msgspec.Struct, frozen=True):
@@ -152,4 +221,6 @@ class DemoSignInReply(msgspec.Struct, frozen=True):
 encoder = msgspec.json.Encoder()
 grab_decoder = msgspec.json.Decoder(GrabRequest)
 redeem_decoder = msgspec.json.Decoder(RedeemRequest)
+control_decoder = msgspec.json.Decoder(ControlRequest)
+add_stock_decoder = msgspec.json.Decoder(AddStockRequest)
 demo_sign_in_decoder = msgspec.json.Decoder(DemoSignInRequest)

@@ -11,28 +11,45 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import codes, errors
-from .auth import MemberVerifier, Secrets, bearer, check_admin, mint_member_token, resolve_secrets
+from .auth import MemberVerifier, Secrets, admin_name, bearer, mint_member_token, resolve_secrets
 from .campaign import ID_RE, Campaign
 from .config import Settings
 from .domain import CouponState, coupon_view, line_key, rfc3339, round_state
 from .metrics import Metrics
 from .ratelimit import FailureWindow, TokenBucket, retry_after
 from .schemas import (
+    MAX_ADD,
+    AdminRoundView,
+    AuditRecord,
     CampaignView,
     Coupon,
     DemoSignInReply,
+    ReverseReply,
+    RoundControlReply,
     RoundStats,
     RoundView,
     VenueInfo,
     VenueStats,
     VenueStock,
+    check_reason,
 )
 from .store import GrabResult, Store, active_campaign, client_for, connect_with_retry, shard_count
-from .store.scripts import GrabOutcome, RedeemOutcome, VoidOutcome
+from .store.scripts import (
+    AddStockOutcome,
+    CloseOutcome,
+    GrabOutcome,
+    PauseOutcome,
+    RedeemOutcome,
+    ResumeOutcome,
+    ReverseOutcome,
+    VoidOutcome,
+)
+from .store.state import ControlResult
 
 log = logging.getLogger("engine.service")
 
@@ -56,6 +73,7 @@ GRAB_REFUSALS: dict[GrabOutcome, type[errors.EngineError]] = {
     GrabOutcome.CAMPAIGN_QUOTA: errors.CampaignQuotaExceeded,
     GrabOutcome.SOLD_OUT: errors.SoldOut,
     GrabOutcome.IDEMPOTENCY_REUSED: errors.IdempotencyKeyReused,
+    GrabOutcome.ROUND_PAUSED: errors.RoundPaused,
 }
 REDEEM_REFUSALS: dict[RedeemOutcome, type[errors.EngineError]] = {
     RedeemOutcome.NOT_FOUND: errors.CouponNotFound,
@@ -69,6 +87,33 @@ VOID_REFUSALS: dict[VoidOutcome, type[errors.EngineError]] = {
     VoidOutcome.NOT_FOUND: errors.CouponNotFound,
     VoidOutcome.ALREADY_REDEEMED: errors.AlreadyRedeemed,
     VoidOutcome.ALREADY_VOID: errors.AlreadyVoid,
+}
+# The operators' controls. Pausing a round that is paused already answers round_not_open
+# (the contract's refusal for a round that is not granting), with its own message.
+PAUSE_REFUSALS: dict[PauseOutcome, type[errors.EngineError]] = {
+    PauseOutcome.ROUND_NOT_FOUND: errors.RoundNotFound,
+    PauseOutcome.ROUND_NOT_OPEN: errors.RoundNotOpen,
+    PauseOutcome.ROUND_CLOSED: errors.RoundClosed,
+    PauseOutcome.ALREADY_PAUSED: errors.RoundNotOpen,
+}
+RESUME_REFUSALS: dict[ResumeOutcome, type[errors.EngineError]] = {
+    ResumeOutcome.ROUND_NOT_FOUND: errors.RoundNotFound,
+    ResumeOutcome.ROUND_NOT_PAUSED: errors.RoundNotPaused,
+}
+CLOSE_REFUSALS: dict[CloseOutcome, type[errors.EngineError]] = {
+    CloseOutcome.ROUND_NOT_FOUND: errors.RoundNotFound,
+    CloseOutcome.ROUND_CLOSED: errors.RoundClosed,
+}
+ADD_STOCK_REFUSALS: dict[AddStockOutcome, type[errors.EngineError]] = {
+    AddStockOutcome.ROUND_NOT_FOUND: errors.RoundNotFound,
+    AddStockOutcome.VENUE_NOT_FOUND: errors.VenueNotFound,
+    AddStockOutcome.ROUND_CLOSED: errors.RoundClosed,
+    AddStockOutcome.OVER_BUDGET: errors.OverBudget,
+}
+REVERSE_REFUSALS: dict[ReverseOutcome, type[errors.EngineError]] = {
+    ReverseOutcome.NOT_FOUND: errors.CouponNotFound,
+    ReverseOutcome.NOT_REDEEMED: errors.NotRedeemed,
+    ReverseOutcome.ALREADY_SETTLED: errors.AlreadySettled,
 }
 
 
@@ -87,6 +132,9 @@ class WorkerState:
     campaign: Campaign
     remaining: dict[str, int] = field(default_factory=dict)
     sold_out: set[str] = field(default_factory=set)
+    # Rounds an operator paused, as a script reply or a 'pause' notice said (cleared by
+    # 'resume' and by the poller): refused without Redis, never granted from.
+    paused: set[str] = field(default_factory=set)
     # redis_time_ms - local_time_ms, from the last script reply.
     clock_offset_ms: float = 0.0
     fingerprint: str = ""
@@ -113,6 +161,10 @@ class Engine:
         self._venue_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._refills: dict[tuple[str, int], asyncio.Future[int]] = {}
         self._stopping = False
+        # Set by a notice that the campaign changed (an operator's close or added stock):
+        # the poller then runs at once instead of at its next tick.
+        self._poke = asyncio.Event()
+        self.controls = Controls(store, on_change=self._reload_campaign)
 
     async def ready(self) -> bool:
         """Whether Redis answers (for /readyz)."""
@@ -130,8 +182,9 @@ class Engine:
     def member(self, authorization: str | None) -> str:
         return self.members.verify(bearer(authorization))
 
-    def admin(self, authorization: str | None) -> None:
-        check_admin(bearer(authorization), self.secrets.admin_token)
+    def admin(self, authorization: str | None) -> str:
+        """The operator's name (what the audit records) for a valid operator token."""
+        return admin_name(bearer(authorization), self.secrets.admins)
 
     async def venue(self, authorization: str | None) -> str:
         token = bearer(authorization)
@@ -179,6 +232,9 @@ class Engine:
                 member_id, idem_key):
             self.metrics.grab(round_id, "round_closed")
             return errors.RoundClosed()
+        if round_id in self.state.paused and not await self._may_replay(member_id, idem_key):
+            self.metrics.grab(round_id, "round_paused")
+            return errors.RoundPaused()
         line = line_key(round_id, venue_id)
         if line in self.state.sold_out and not await self._may_replay(member_id, idem_key):
             self.metrics.grab(round_id, "sold_out")
@@ -254,6 +310,8 @@ class Engine:
                 res.valid_from_ms, res.valid_until_ms))
         if oc is GrabOutcome.SOLD_OUT:
             self.state.sold_out.add(line)
+        elif oc is GrabOutcome.ROUND_PAUSED:
+            self.state.paused.add(round_id)
         cls = GRAB_REFUSALS.get(oc)
         if cls is None:
             raise RuntimeError(f"grab.lua refused its arguments: {oc.name} {res.message}")
@@ -373,20 +431,8 @@ class Engine:
         return self._round_view(round_id)
 
     def _round_view(self, round_id: str) -> RoundView:
-        c = self.campaign
-        r = c.round(round_id)
-        assert r is not None
-        venues = []
-        for vid, stock in r.stock.items():
-            v = c.venue(vid)
-            venues.append(VenueStock(
-                venue_id=vid, name=v.name if v else vid, kind=v.kind if v else "",
-                stock=stock, remaining=self.state.remaining.get(line_key(round_id, vid), stock)))
-        return RoundView(
-            id=r.id, opens_at=rfc3339(r.opens_at_ms, c.timezone),
-            closes_at=rfc3339(r.closes_at_ms, c.timezone),
-            state=round_state(r, int(self.state.redis_now_ms())),
-            member_round_quota=r.member_round_quota, venues=venues)
+        return round_view(self.campaign, round_id, self.state.remaining,
+                          int(self.state.redis_now_ms()))
 
     # The pages' read-only additions (docs/pages.md): only what the worker already knows.
 
@@ -431,7 +477,7 @@ class Engine:
         now = await self.store.time_ms()
         rows = []
         totals = {k: 0 for k in ("stock", "remaining", "issued", "void", "returned_open",
-                                 "returned_closed", "redeemed")}
+                                 "returned_closed", "redeemed", "added", "reversed")}
         for vid in r.stock:
             line = line_key(round_id, vid)
             v = c.venue(vid)
@@ -441,12 +487,14 @@ class Engine:
                 issued=stats.get(f"issued:{line}", 0), void=stats.get(f"void:{line}", 0),
                 returned_open=stats.get(f"returned_open:{line}", 0),
                 returned_closed=stats.get(f"returned_closed:{line}", 0),
-                redeemed=stats.get(f"redeemed:{line}", 0))
+                redeemed=stats.get(f"redeemed:{line}", 0), added=stats.get(f"added:{line}", 0),
+                reversed=stats.get(f"reversed:{line}", 0))
             rows.append(row)
             for k in totals:
                 totals[k] += getattr(row, k)
+        paused = (await self.store.round_controls())[round_id].paused_since_ms is not None
         return RoundStats(round_id=round_id, state=round_state(r, now), venues=rows,
-                          totals=totals)
+                          totals=totals, paused=paused)
 
     # Background: keep the worker's knowledge fresh
 
@@ -460,6 +508,22 @@ class Engine:
             self.state.sold_out.discard(line)
         now = await self.store.time_ms()
         self.state.observe_clock(now)
+        await self._reload_campaign()
+        controls = await self.store.round_controls()
+        for rid in [x for x in self.state.paused if _unpaused(controls, x)]:
+            self.state.paused.discard(rid)
+        # This poll is the engine's one reader of Redis state: the gauges come from here.
+        stats = await self.store.stats()
+        lag = await self.store.ledger_lag()
+        sold_out = await self._sold_out(stock, now)
+        self.metrics.observe_state(self.campaign, stock, stats, now, lag, sold_out)
+        self.metrics.observe_controls({
+            rid: (rc.paused_since_ms is not None, rc.last_paused_ms, rc.last_resumed_ms,
+                  rc.closed_early_ms) for rid, rc in controls.items()})
+
+    async def _reload_campaign(self) -> None:
+        """Take the campaign again when its version moved (a load, or an operator's close
+        or added stock)."""
         fp = await self.store.campaign_fingerprint()
         if fp and fp != self.state.fingerprint:
             new = await self.store.reload_campaign()
@@ -467,12 +531,7 @@ class Engine:
                 self.state.campaign = new
                 self.state.fingerprint = fp
                 self.metrics.prime(new)
-                log.info("campaign %s reloaded (fingerprint %s)", new.id, fp[:12])
-        # This poll is the engine's one reader of Redis state: the gauges come from here.
-        stats = await self.store.stats()
-        lag = await self.store.ledger_lag()
-        sold_out = await self._sold_out(stock, now)
-        self.metrics.observe_state(self.campaign, stock, stats, now, lag, sold_out)
+                log.info("campaign %s reloaded (version %s)", new.id, fp[:12])
 
     async def _sold_out(self, stock: dict[str, int], now_ms: int) -> dict[str, int]:
         """When each line first ran out while its round was open, as the pollers saw it
@@ -494,6 +553,7 @@ class Engine:
 
     async def poll_forever(self) -> None:
         while not self._stopping:
+            self._poke.clear()
             try:
                 await self.refresh()
             except errors.Unavailable as exc:
@@ -502,24 +562,182 @@ class Engine:
             except Exception:  # noqa: BLE001 - the poller must outlive any one bad poll
                 _reraise_if_cancelling()
                 log.exception("state poll failed")
-            await asyncio.sleep(POLL_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), POLL_INTERVAL_S)
+
+    def notice(self, msg: str) -> None:
+        """A message of the notify channel: what changed, so cached knowledge goes."""
+        kind, _, what = msg.partition(" ")
+        if kind == "restock":
+            # A void, a transfer or an operator's added stock: the line has stock again.
+            self.state.sold_out.discard(what)
+            self._poke.set()
+        elif kind == "pause":
+            self.state.paused.add(what)
+        elif kind == "resume":
+            self.state.paused.discard(what)
+        elif kind == "close":
+            self.state.paused.discard(what)
+            self._poke.set()  # reload the campaign now: the round's close moved
 
     async def listen_forever(self) -> None:
-        """Clear sold-out flags the moment a void returns stock to an open round."""
+        """Clear cached knowledge the moment another process changes it: sold-out flags
+        when stock returns, pauses when a round resumes, the campaign on a close."""
         while not self._stopping:
             try:
                 async for msg in self.store.subscribe_notifications():
                     if self._stopping:
                         return
-                    kind, _, line = msg.partition(" ")
-                    if kind == "restock":
-                        self.state.sold_out.discard(line)
+                    self.notice(msg)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnect after any failure
                 _reraise_if_cancelling()
                 log.warning("notification channel lost (%s); reconnecting", exc)
                 await asyncio.sleep(1.0)
+
+
+def _unpaused(controls: dict[str, Any], round_id: str) -> bool:
+    rc = controls.get(round_id)
+    return rc is None or rc.paused_since_ms is None
+
+
+def round_view(c: Campaign, round_id: str, remaining: dict[str, int],
+               now_ms: int) -> RoundView:
+    """The contract's Round: the campaign as run, remaining stock as last read."""
+    r = c.round(round_id)
+    assert r is not None
+    venues = []
+    for vid, stock in r.stock.items():
+        v = c.venue(vid)
+        venues.append(VenueStock(
+            venue_id=vid, name=v.name if v else vid, kind=v.kind if v else "",
+            stock=stock, remaining=remaining.get(line_key(round_id, vid), stock)))
+    return RoundView(
+        id=r.id, opens_at=rfc3339(r.opens_at_ms, c.timezone),
+        closes_at=rfc3339(r.closes_at_ms, c.timezone), state=round_state(r, now_ms),
+        member_round_quota=r.member_round_quota, venues=venues)
+
+
+class Controls:
+    """The operators' controls (contract section 3, "Operator controls"), for the API
+    and the CLI alike: pause, resume and close a round, add stock to a line, reverse a
+    redemption. Each is one script on Redis that decides atomically with the grabs and
+    writes its audit event (who, when, reason, before/after) to the stream, from where
+    the archiver puts it in the ledger. ``actor`` is the operator credential's name."""
+
+    def __init__(self, store: Store,
+                 on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.store = store
+        self._on_change = on_change
+
+    @staticmethod
+    def _reason(reason: str) -> str:
+        try:
+            check_reason(reason)
+        except ValueError as exc:
+            raise errors.InvalidRequest(str(exc)) from None
+        return reason
+
+    @staticmethod
+    def _round_id(round_id: str) -> str:
+        if not ID_RE.match(round_id):
+            raise errors.RoundNotFound()
+        return round_id
+
+    def _refuse(self, table: dict[Any, type[errors.EngineError]], res: ControlResult[Any],
+                message: str | None = None) -> errors.EngineError:
+        cls = table.get(res.outcome)
+        if cls is None:
+            raise RuntimeError(f"control script refused its arguments: {res.outcome.name}"
+                               f" {res.values}")
+        err = refusal(cls, res.edge_ms, self.store.campaign.timezone)
+        if message:
+            err.message = message
+        return err
+
+    def _audit(self, action: str, round_id: str, actor: str, reason: str,
+               res: ControlResult[Any], **extra: Any) -> AuditRecord:
+        return AuditRecord(id=res.event_id, action=action,  # type: ignore[arg-type]
+                           round_id=round_id, by=actor,
+                           at=rfc3339(res.now_ms, self.store.campaign.timezone), reason=reason,
+                           before=res.before, after=res.after, **extra)
+
+    async def _round_reply(self, action: str, round_id: str, actor: str, reason: str,
+                           res: ControlResult[Any], **extra: Any) -> RoundControlReply:
+        if self._on_change is not None:
+            await self._on_change()
+        c = await self.store.reload_campaign() or self.store.campaign
+        stock = await self.store.stock()
+        rc = (await self.store.round_controls()).get(round_id)
+        base = round_view(c, round_id, stock, res.now_ms)
+        paused_since = rc.paused_since_ms if rc else None
+        view = AdminRoundView(
+            id=base.id, opens_at=base.opens_at, closes_at=base.closes_at, state=base.state,
+            member_round_quota=base.member_round_quota, venues=base.venues,
+            paused=paused_since is not None,
+            paused_at=rfc3339(paused_since, c.timezone) if paused_since else None)
+        return RoundControlReply(round=view,
+                                 audit=self._audit(action, round_id, actor, reason, res, **extra))
+
+    async def pause(self, actor: str, round_id: str, reason: str) -> RoundControlReply:
+        res = await self.store.pause(self._round_id(round_id), actor, self._reason(reason))
+        if res.outcome is not PauseOutcome.PAUSED:
+            already = res.outcome is PauseOutcome.ALREADY_PAUSED
+            raise self._refuse(PAUSE_REFUSALS, res,
+                               "the round is paused already" if already else None)
+        return await self._round_reply("pause", round_id, actor, reason, res)
+
+    async def resume(self, actor: str, round_id: str, reason: str) -> RoundControlReply:
+        res = await self.store.resume(self._round_id(round_id), actor, self._reason(reason))
+        if res.outcome is not ResumeOutcome.RESUMED:
+            raise self._refuse(RESUME_REFUSALS, res)
+        return await self._round_reply("resume", round_id, actor, reason, res)
+
+    async def close(self, actor: str, round_id: str, reason: str) -> RoundControlReply:
+        res = await self.store.close_round(self._round_id(round_id), actor,
+                                           self._reason(reason))
+        if res.outcome is not CloseOutcome.CLOSED:
+            raise self._refuse(CLOSE_REFUSALS, res)
+        return await self._round_reply("close", round_id, actor, reason, res)
+
+    async def add_stock(self, actor: str, round_id: str, venue_id: str, units: int,
+                        reason: str) -> RoundControlReply:
+        self._round_id(round_id)
+        if not ID_RE.match(venue_id):
+            raise errors.VenueNotFound()
+        if isinstance(units, bool) or not isinstance(units, int) or \
+                not 1 <= units <= MAX_ADD:
+            raise errors.InvalidRequest(f"the stock to add must be an integer 1-{MAX_ADD}")
+        res = await self.store.add_stock(round_id, venue_id, units, actor,
+                                         self._reason(reason))
+        if res.outcome is not AddStockOutcome.ADDED:
+            message = None
+            if res.outcome is AddStockOutcome.OVER_BUDGET:
+                committed, budget = (int(x) for x in res.values[:2])
+                message = (f"adding {units} would make the campaign's stock cost {committed}"
+                           f" fen, over its budget of {budget} fen")
+            raise self._refuse(ADD_STOCK_REFUSALS, res, message)
+        return await self._round_reply("add_stock", round_id, actor, reason, res,
+                                       venue_id=venue_id, units=units)
+
+    async def reverse(self, actor: str, text: str, reason: str) -> ReverseReply:
+        reason = self._reason(reason)
+        code = codes.normalize(text)
+        if code is None:
+            raise errors.CouponNotFound()
+        res = await self.store.reverse(code, actor, reason)
+        if res.outcome is not ReverseOutcome.REVERSED or res.coupon is None:
+            message = None
+            if res.outcome is ReverseOutcome.NOT_REDEEMED and res.values:
+                message = f"this coupon is {res.values[0]}, not redeemed; nothing to reverse"
+            raise self._refuse(REVERSE_REFUSALS, res, message)
+        s = res.coupon
+        c = self.store.campaign
+        return ReverseReply(
+            coupon=coupon_view(c, s),
+            audit=self._audit("reverse", s.round_id, actor, reason, res,
+                              venue_id=s.venue_id, code=codes.display(code)))
 
 
 async def open_engine(settings: Settings, redis_url: str, metrics: Metrics,
@@ -541,6 +759,7 @@ async def open_engine(settings: Settings, redis_url: str, metrics: Metrics,
                     member_rate=settings.member_rate, member_burst=settings.member_burst,
                     venue_bad_code_limit=settings.venue_bad_code_limit, metrics=metrics)
     metrics.prime(campaign)
+    engine.state.fingerprint = await engine.store.campaign_fingerprint() or ""
     await engine.refresh()
     # Connect the hot path now (scripts loaded, SHAs checked), not on the first grab.
     try:

@@ -2,7 +2,7 @@
 --
 -- KEYS
 --   1 campaign hash     cpn:{C}:campaign        (field quota)
---   2 round hash        cpn:{C}:round:<R>       (fields o, c, q, vf, vu)
+--   2 round hash        cpn:{C}:round:<R>       (fields o, c, q, vf, vu; p while paused)
 --   3 stock hash        cpn:{C}:stock           (field <R>:<V> -> remaining)
 --   4 stats hash        cpn:{C}:stats           (field issued:<R>:<V>)
 --   5 member hash       cpn:{C}:member:<M>      (fields total, r:<R>)
@@ -31,6 +31,7 @@
 --   9 IDEMPOTENCY_REUSED  {9, now}
 --  10 CODE_COLLISION      {10, now}
 --  11 BAD_ARGUMENT        {11, now, message}
+--  12 ROUND_PAUSED        {12, now}
 --
 -- Every check runs before the first write, so a refusal changes nothing.
 
@@ -75,7 +76,7 @@ if use_idem then
   end
 end
 
-local r = redis.call('HMGET', KEYS[2], 'o', 'c', 'q', 'vf', 'vu')
+local r = redis.call('HMGET', KEYS[2], 'o', 'c', 'q', 'vf', 'vu', 'p')
 if not r[1] then
   return {2, now}
 end
@@ -91,6 +92,10 @@ if now < opens then
 end
 if now >= closes then
   return {5, now, closes}
+end
+-- An operator's pause (pause.lua sets p): nothing is granted until resume.lua clears it.
+if r[6] then
+  return {12, now}
 end
 
 local m = redis.call('HMGET', KEYS[5], 'total', 'r:' .. round_id)

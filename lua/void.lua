@@ -5,6 +5,7 @@
 --   2 stock hash        cpn:{C}:stock              (field <R>:<V>)
 --   3 stats hash        cpn:{C}:stats              (void / returned_open / returned_closed)
 --   4 event stream      cpn:{C}:events
+--   5 campaign hash     cpn:{C}:campaign           (field closed:<R>: an operator's early close)
 -- ARGV
 --   1 member id (the caller; another member's coupon is NOT_FOUND)
 --   2 coupon code (canonical)
@@ -35,9 +36,16 @@ end
 
 local rv = c[4] .. ':' .. c[5]
 local restocked = 0
+-- The coupon keeps the close its round had at the grant; an operator may have closed
+-- the round earlier since (close.lua), and then the stock no longer goes back.
+local closes = tonumber(c[6])
+local early = redis.call('HGET', KEYS[5], 'closed:' .. c[4])
+if early and tonumber(early) < closes then
+  closes = tonumber(early)
+end
 redis.call('HSET', KEYS[1], 'status', 'void', 'voided_at', now)
 redis.call('HINCRBY', KEYS[3], 'void:' .. rv, 1)
-if now < tonumber(c[6]) then
+if now < closes then
   restocked = 1
   redis.call('HINCRBY', KEYS[2], rv, 1)
   redis.call('HINCRBY', KEYS[3], 'returned_open:' .. rv, 1)

@@ -17,6 +17,8 @@ from ..schemas import (
     RedemptionsReply,
     RoundReply,
     RoundsReply,
+    add_stock_decoder,
+    control_decoder,
     encoder,
     grab_decoder,
     redeem_decoder,
@@ -149,6 +151,50 @@ async def admin_stats(request: web.Request) -> web.Response:
     return json_response(await engine.round_stats(request.match_info["round_id"]))
 
 
+# The operators' controls (contract section 3): the operator token's name is who the
+# audit records.
+
+async def _round_control(request: web.Request, action: str) -> web.Response:
+    engine = request.app[ENGINE]
+    actor = engine.admin(_authorization(request))
+    body = await _body(request, control_decoder)
+    control = getattr(engine.controls, action)
+    reply = await control(actor, request.match_info["round_id"],
+                          body.reason)  # type: ignore[attr-defined]
+    return json_response(reply)
+
+
+async def pause_round(request: web.Request) -> web.Response:
+    return await _round_control(request, "pause")
+
+
+async def resume_round(request: web.Request) -> web.Response:
+    return await _round_control(request, "resume")
+
+
+async def close_round(request: web.Request) -> web.Response:
+    return await _round_control(request, "close")
+
+
+async def add_stock(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    actor = engine.admin(_authorization(request))
+    body = await _body(request, add_stock_decoder)
+    reply = await engine.controls.add_stock(
+        actor, request.match_info["round_id"], body.venue_id,  # type: ignore[attr-defined]
+        body.add, body.reason)  # type: ignore[attr-defined]
+    return json_response(reply)
+
+
+async def reverse_redemption(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    actor = engine.admin(_authorization(request))
+    body = await _body(request, control_decoder)
+    reply = await engine.controls.reverse(actor, request.match_info["code"],
+                                          body.reason)  # type: ignore[attr-defined]
+    return json_response(reply)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -185,6 +231,11 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/venue/redemptions", redeem)
     r.add_get("/v1/venue/redemptions", venue_redemptions)
     r.add_get("/v1/admin/rounds/{round_id}/stats", admin_stats)
+    r.add_post("/v1/admin/rounds/{round_id}/pause", pause_round)
+    r.add_post("/v1/admin/rounds/{round_id}/resume", resume_round)
+    r.add_post("/v1/admin/rounds/{round_id}/close", close_round)
+    r.add_post("/v1/admin/rounds/{round_id}/stock", add_stock)
+    r.add_post("/v1/admin/redemptions/{code}/reverse", reverse_redemption)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)

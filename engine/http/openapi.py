@@ -16,7 +16,16 @@ import msgspec
 from .. import errors as E
 from .. import schemas
 from ..errors import EngineError
-from ..service import GRAB_REFUSALS, REDEEM_REFUSALS, VOID_REFUSALS
+from ..service import (
+    ADD_STOCK_REFUSALS,
+    CLOSE_REFUSALS,
+    GRAB_REFUSALS,
+    PAUSE_REFUSALS,
+    REDEEM_REFUSALS,
+    RESUME_REFUSALS,
+    REVERSE_REFUSALS,
+    VOID_REFUSALS,
+)
 
 JSON = "application/json"
 IDENT_PATTERN = "^[A-Za-z0-9_.-]+$"
@@ -50,7 +59,10 @@ def _errors(*classes: type[EngineError]) -> dict[str, Any]:
         resp: dict[str, Any] = {"description": ", ".join(c.code for c in group),
                                 "content": {JSON: {"schema": _error_schema(group)}}}
         if any(c.retry_after for c in group):
-            resp["headers"] = {"Retry-After": _RETRY_AFTER}
+            # Required only when every code of the status carries it (409 round_paused
+            # has it, round_quota_exceeded does not).
+            resp["headers"] = {"Retry-After": {
+                **_RETRY_AFTER, "required": all(c.retry_after for c in group)}}
         out[str(status)] = resp
     return out
 
@@ -105,6 +117,13 @@ REDEEM_ERRORS: ErrorList = (E.InvalidRequest, E.Unauthorized, *REDEEM_REFUSALS.v
                             E.RateLimited, E.Unavailable)
 VOID_ERRORS: ErrorList = (E.Unauthorized, *VOID_REFUSALS.values(), E.RateLimited,
                           E.Unavailable)
+# The operators' controls: a bad body (or reason) is a 400, a bad token a 401.
+_CONTROL: ErrorList = (E.InvalidRequest, E.Unauthorized)
+PAUSE_ERRORS: ErrorList = (*_CONTROL, *PAUSE_REFUSALS.values(), E.Unavailable)
+RESUME_ERRORS: ErrorList = (*_CONTROL, *RESUME_REFUSALS.values(), E.Unavailable)
+CLOSE_ERRORS: ErrorList = (*_CONTROL, *CLOSE_REFUSALS.values(), E.Unavailable)
+ADD_STOCK_ERRORS: ErrorList = (*_CONTROL, *ADD_STOCK_REFUSALS.values(), E.Unavailable)
+REVERSE_ERRORS: ErrorList = (*_CONTROL, *REVERSE_REFUSALS.values(), E.Unavailable)
 
 
 def _cached(ok: dict[str, Any]) -> dict[str, Any]:
@@ -150,11 +169,24 @@ def document(*, demo_sign_in: bool = False) -> bytes:
         [schemas.GrabRequest, schemas.RedeemRequest, schemas.CouponReply, schemas.CouponsReply,
          schemas.RedemptionsReply, schemas.RoundReply, schemas.RoundsReply, schemas.RoundStats,
          schemas.CampaignReply, schemas.TimeReply, schemas.VenueReply,
-         schemas.DemoSignInRequest, schemas.DemoSignInReply],
+         schemas.DemoSignInRequest, schemas.DemoSignInReply, schemas.ControlRequest,
+         schemas.AddStockRequest, schemas.RoundControlReply, schemas.ReverseReply],
         ref_template="#/components/schemas/{name}")
     # Bodies: unknown fields are refused (400), as the contract says.
-    for name in ("GrabRequest", "RedeemRequest", "DemoSignInRequest"):
+    for name in ("GrabRequest", "RedeemRequest", "DemoSignInRequest", "ControlRequest",
+                 "AddStockRequest"):
         components[name]["additionalProperties"] = False
+    components["ControlRequest"]["examples"] = [{"reason": "identity service down"}]
+    components["AddStockRequest"]["examples"] = [
+        {"venue_id": "V01", "add": 50, "reason": "the venue's line was entered 50 short"}]
+    # A blank reason is refused too (400): at least one character that is not a space.
+    for name in ("ControlRequest", "AddStockRequest"):
+        components[name]["properties"]["reason"]["pattern"] = "\\S"
+    components["AuditRecord"]["properties"]["at"] = _TIME
+    for f in ("opens_at", "closes_at"):
+        components["AdminRoundView"]["properties"][f] = _TIME
+    components["AdminRoundView"]["properties"]["paused_at"] = {"anyOf": [_TIME,
+                                                                         {"type": "null"}]}
     components["DemoSignInRequest"]["examples"] = [{"member_id": "alice"}]
     components["TimeReply"]["properties"]["now"] = _TIME
     components["DemoSignInReply"]["properties"]["expires_at"] = _TIME
@@ -249,6 +281,36 @@ def document(*, demo_sign_in: bool = False) -> bytes:
             "roundStats", "Per-venue stock, issued, void, redeemed", _ok(200, "RoundStats"),
             _errors(E.Unauthorized, E.RoundNotFound, E.Unavailable), security="admin",
             params=[_round_param()])},
+        "/v1/admin/rounds/{round_id}/pause": {"post": _op(
+            "pauseRound", "Pause an open round: grabs get 409 round_paused",
+            _ok(200, "RoundControlReply", "paused; the audit record"),
+            _errors(*PAUSE_ERRORS), security="admin", params=[_round_param()],
+            body="ControlRequest",
+            description="No grant is issued once this answers. Pausing a paused round is"
+                        " round_not_open (it is not granting).")},
+        "/v1/admin/rounds/{round_id}/resume": {"post": _op(
+            "resumeRound", "Resume a paused round", _ok(200, "RoundControlReply", "resumed"),
+            _errors(*RESUME_ERRORS), security="admin", params=[_round_param()],
+            body="ControlRequest")},
+        "/v1/admin/rounds/{round_id}/close": {"post": _op(
+            "closeRound", "Close a round now (closes_at becomes now)",
+            _ok(200, "RoundControlReply", "closed; coupons already issued stay valid"),
+            _errors(*CLOSE_ERRORS), security="admin", params=[_round_param()],
+            body="ControlRequest",
+            description="A round that has not opened yet is cancelled: it opens and closes"
+                        " now.")},
+        "/v1/admin/rounds/{round_id}/stock": {"post": _op(
+            "addStock", "Add coupons to a venue's line of a scheduled, open or paused round",
+            _ok(200, "RoundControlReply", "added"), _errors(*ADD_STOCK_ERRORS),
+            security="admin", params=[_round_param()], body="AddStockRequest",
+            description="Refused over_budget when every round's stock (earlier additions"
+                        " included) plus these would cost more than the budget.")},
+        "/v1/admin/redemptions/{code}/reverse": {"post": _op(
+            "reverseRedemption", "Undo a mistaken redemption: the coupon is issued again",
+            _ok(200, "ReverseReply", "reversed; redeemable again at its venue"),
+            _errors(*REVERSE_ERRORS), security="admin", params=[_code_param()],
+            body="ControlRequest",
+            description="Refused already_settled once settle has paid the code.")},
         "/healthz": {"get": _op("healthz", "Process is up", _ok(200, "Health"), {},
                                 security=None)},
         "/readyz": {"get": _op("readyz", "Redis answers and a campaign is loaded",
@@ -286,6 +348,7 @@ def document(*, demo_sign_in: bool = False) -> bytes:
                                      "'coupon-engine token venue ID'"},
             "admin": {"type": "http", "scheme": "bearer",
                       "description": "Authorization: Bearer <operator token>, "
-                                     "COUPON_ADMIN_TOKEN"}}},
+                                     "COUPON_ADMIN_TOKEN or one of COUPON_ADMIN_TOKENS "
+                                     "(named: the name is who the audit records)"}}},
     }
     return msgspec.json.encode(doc)

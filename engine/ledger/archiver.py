@@ -40,6 +40,7 @@ from ..crashpoint import CrashPoint
 from ..store import keys
 from ..store.connection import AnyClient, open_client
 from ..store.loading import shard_count
+from ..store.settled import mark_settled
 from ..store.streams import GROUP, shard_streams
 from .db import Ledger, ledger_event_id
 
@@ -119,7 +120,34 @@ async def archive_once(client: AnyClient, ledger: Ledger, consumer: str = CONSUM
             unreachable = unreachable or exc
     if unreachable is not None:
         raise unreachable
+    await sync_settled(client, ledger, cid, await shard_count(client, cid))
     return total
+
+
+def _synced_key(campaign_id: str) -> str:
+    return f"settled_synced:{campaign_id}"
+
+
+async def sync_settled(client: AnyClient, ledger: Ledger, campaign_id: str,
+                       shards: int) -> int:
+    """Mark in Redis the codes `settle` recorded since the last pass (it marks them
+    itself when Redis is reachable; this covers a settle that ran with Redis away), so
+    an operator cannot reverse a redemption already paid. Returns how many were new."""
+    since = await asyncio.to_thread(ledger.meta_int, _synced_key(campaign_id))
+    rows = await asyncio.to_thread(ledger.settlements_after, campaign_id, since)
+    if not rows:
+        return 0
+    by_time: dict[int, list[str]] = {}
+    for _rowid, code, at in rows:
+        by_time.setdefault(at, []).append(code)
+    for at, some in by_time.items():
+        _, unknown = await mark_settled(client, campaign_id, shards, some, at,
+                                        only_redeemed=False)
+        if unknown:
+            log.warning("archiver: %d settled code(s) are not in Redis (first: %s)",
+                        len(unknown), sorted(unknown)[0])
+    await asyncio.to_thread(ledger.set_meta, _synced_key(campaign_id), str(rows[-1][0]))
+    return len(rows)
 
 
 async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: int,

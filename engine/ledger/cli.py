@@ -10,23 +10,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from redis import exceptions as rex
 
+from .. import codes
 from ..cliargs import add_engine_args, fail
 from ..config import Settings, from_flags
+from ..domain import rfc3339
 from ..shards import MAX_SHARDS
 from ..store.connection import open_client
 from ..store.embedded import EmbeddedRedisError, engine_redis, engine_redis_if_any
+from ..store.loading import shard_count
+from ..store.settled import mark_settled
 from . import archiver, reconcile, report, restore
-from .db import Ledger
+from .db import AuditRow, Ledger
 
 log = logging.getLogger("engine.ledger.cli")
 CRASH_ENV = "COUPON_ARCHIVER_CRASH_POINT"
@@ -65,49 +71,141 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _catch_up(s: Settings, ledger: Ledger) -> None:
-    """Drain the stream first so reports see the latest redemptions; with Redis
-    unreachable, work from what the ledger already holds and say so."""
+_UNREACHABLE = (rex.ConnectionError, rex.TimeoutError, OSError, rex.RedisClusterException,
+                EmbeddedRedisError)
+
+
+def _warn_unreachable(exc: Exception) -> None:
+    print(f"coupon-engine: warning: Redis unreachable ({exc}); using the ledger as"
+          " last archived", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _redis_if_reachable(s: Settings, ledger: Ledger) -> Iterator[str | None]:
+    """The engine's Redis with the stream drained into the ledger first (so reports see
+    the latest redemptions), or None when it cannot be reached: then the command works
+    from the ledger as last archived, and says so."""
     try:
-        with engine_redis_if_any(s) as url:
-            if url is None:
-                return
-            asyncio.run(_archive(url, ledger, False, None, s.redis_cluster))
-    except (rex.ConnectionError, rex.TimeoutError, OSError, rex.RedisClusterException,
-            EmbeddedRedisError) as exc:
-        print(f"coupon-engine: warning: Redis unreachable ({exc}); using the ledger as"
-              " last archived", file=sys.stderr)
+        cm = engine_redis_if_any(s)
+        url = cm.__enter__()
+    except _UNREACHABLE as exc:
+        _warn_unreachable(exc)
+        yield None
+        return
+    try:
+        if url is not None:
+            try:
+                asyncio.run(_archive(url, ledger, False, None, s.redis_cluster))
+            except _UNREACHABLE as exc:
+                _warn_unreachable(exc)
+                url = None
+        yield url
+    finally:
+        cm.__exit__(None, None, None)
 
 
-def _ledger_command(work: Callable[[Ledger, Settings, argparse.Namespace], int]
-                    ) -> Callable[[argparse.Namespace], int]:
+Work = Callable[[Ledger, Settings, argparse.Namespace, "str | None"], int]
+
+
+def _ledger_command(work: Work) -> Callable[[argparse.Namespace], int]:
+    """A ledger command: its ledger, the stream drained into it first when Redis is
+    reachable; bad input is exit 2 with one line."""
     def run(args: argparse.Namespace) -> int:
         s = _settings(args)
         claims = getattr(args, "claims", None)
         if claims is not None and not Path(claims).is_file():
             return fail(f"claims file {claims} not found")
         try:
-            with Ledger(s.ledger_path) as ledger:
-                _catch_up(s, ledger)
-                return work(ledger, s, args)
+            with Ledger(s.ledger_path) as ledger, _redis_if_reachable(s, ledger) as url:
+                return work(ledger, s, args, url)
         except reconcile.BadInput as exc:
             return fail(str(exc))
     return run
 
 
-def _do_reconcile(ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
+def _do_reconcile(ledger: Ledger, s: Settings, args: argparse.Namespace,
+                  url: str | None) -> int:
     summary = reconcile.reconcile(ledger, args.venue, Path(args.claims), Path(args.out))
     print(reconcile.summary_json(summary))
     return 0
 
 
-def _do_settle(ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
-    summary = reconcile.settle(ledger, args.venue, Path(args.claims), Path(args.out))
+def _marker(s: Settings, url: str | None) -> reconcile.Marker:
+    """settle's marking of the codes it pays, in the engine's Redis (None: unreachable,
+    the archiver marks them on its next pass)."""
+    def mark(campaign_id: str, codes_: list[str], at_ms: int) -> set[str] | None:
+        if url is None:
+            print("coupon-engine: warning: Redis unreachable; the paid codes are marked"
+                  " settled there by the archiver's next pass", file=sys.stderr)
+            return None
+
+        async def run() -> set[str]:
+            client = open_client(url, cluster=s.redis_cluster, connect_timeout=5)
+            try:
+                shards = await shard_count(client, campaign_id)
+                # A code Redis does not hold cannot be reversed there: only a code that
+                # is there and not redeemed any more is withheld.
+                not_redeemed, _ = await mark_settled(client, campaign_id, shards, codes_,
+                                                     at_ms, only_redeemed=True)
+                return not_redeemed
+            finally:
+                await client.aclose()
+        try:
+            return asyncio.run(run())
+        except _UNREACHABLE as exc:
+            print(f"coupon-engine: warning: Redis unreachable ({exc}); the paid codes are"
+                  " marked settled there by the archiver's next pass", file=sys.stderr)
+            return None
+    return mark
+
+
+def _do_settle(ledger: Ledger, s: Settings, args: argparse.Namespace,
+               url: str | None) -> int:
+    summary = reconcile.settle(ledger, args.venue, Path(args.claims), Path(args.out),
+                               mark=_marker(s, url))
     print(reconcile.summary_json(summary))
     return 0
 
 
-def _do_statement(ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
+def _audit_line(a: AuditRow, tz: str) -> str:
+    what = a.round_id
+    if a.action == "add_stock":
+        what += f" {a.venue_id} +{a.units}"
+    elif a.action == "reverse" and a.code:
+        what += f" {a.venue_id} {codes.display(a.code)}"
+    changes = ", ".join(f"{k}: {a.before.get(k)!r} -> {a.after.get(k)!r}"
+                        for k in dict.fromkeys([*a.before, *a.after])
+                        if a.before.get(k) != a.after.get(k))
+    return (f"{rfc3339(a.at_ms, tz)}  {a.action:<9} {what}  by {a.actor}  ({changes})"
+            f"  reason: {a.reason}")
+
+
+def _do_audit(ledger: Ledger, s: Settings, args: argparse.Namespace,
+              url: str | None) -> int:
+    c = ledger.source_campaign()
+    if c is None:
+        raise reconcile.BadInput("the ledger holds no campaign yet; load one and run archive")
+    if args.round is not None and c.round(args.round) is None:
+        raise reconcile.BadInput(f"unknown round {args.round!r} in campaign {c.id}")
+    rows = ledger.audit_of(c.id, args.round)
+    for a in rows:
+        if args.json:
+            print(json.dumps({
+                "id": a.event_id, "action": a.action, "round_id": a.round_id,
+                "venue_id": a.venue_id, "code": codes.display(a.code) if a.code else None,
+                "units": a.units, "by": a.actor, "at": rfc3339(a.at_ms, c.timezone),
+                "reason": a.reason, "before": a.before, "after": a.after},
+                ensure_ascii=False))
+        else:
+            print(_audit_line(a, c.timezone))
+    if not args.json:
+        print(f"{len(rows)} operator action(s)"
+              + (f" in round {args.round}" if args.round else ""), file=sys.stderr)
+    return 0
+
+
+def _do_statement(ledger: Ledger, s: Settings, args: argparse.Namespace,
+                  url: str | None) -> int:
     doc = reconcile.statement(ledger, Path(args.out))
     print(reconcile.statement_text(doc))
     print(f"written: {Path(args.out) / 'statement.csv'}, {Path(args.out) / 'statement.json'}")
@@ -188,6 +286,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=".", metavar="DIR")
     add_engine_args(p)
     p.set_defaults(func=_ledger_command(_do_statement))
+
+    p = subparsers.add_parser(
+        "audit", help="the operators' actions (pause, resume, close, add stock, reverse)"
+                      " as the ledger records them")
+    p.add_argument("--round", default=None, metavar="R", help="only this round's")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_engine_args(p)
+    p.set_defaults(func=_ledger_command(_do_audit))
 
     p = subparsers.add_parser(
         "report", help="the round report (HTML, PNG, CSV) from the ledger alone")

@@ -11,19 +11,21 @@ it can never disagree with ``events``. The schema uses only portable types
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import campaign as cmp
-from ..campaign import Campaign
+from ..campaign import Campaign, Overrides
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     event_id    TEXT PRIMARY KEY,          -- stream entry id; '<shard>/<id>' for shards >= 1
     campaign_id TEXT NOT NULL,
-    type        TEXT NOT NULL,             -- grant | redeem | void
+    type        TEXT NOT NULL,             -- grant | redeem | void | reverse
     code        TEXT NOT NULL,             -- canonical 17-character code
     round_id    TEXT NOT NULL,
     venue_id    TEXT NOT NULL,
@@ -45,9 +47,26 @@ CREATE TABLE IF NOT EXISTS coupons (
     status         TEXT NOT NULL,          -- issued | redeemed | void
     issued_at_ms   INTEGER,
     redeemed_at_ms INTEGER,
-    voided_at_ms   INTEGER
+    voided_at_ms   INTEGER,
+    reversed_at_ms INTEGER                 -- the last time an operator reversed its redemption
 );
 CREATE INDEX IF NOT EXISTS coupons_venue_status ON coupons (venue_id, status);
+
+CREATE TABLE IF NOT EXISTS audit (
+    event_id    TEXT PRIMARY KEY,          -- the stream entry's id (see events.event_id)
+    campaign_id TEXT NOT NULL,
+    action      TEXT NOT NULL,             -- pause | resume | close | add_stock | reverse
+    round_id    TEXT NOT NULL,
+    venue_id    TEXT,                      -- add_stock, reverse
+    code        TEXT,                      -- reverse (its events row has the same event_id)
+    units       INTEGER,                   -- add_stock
+    actor       TEXT NOT NULL,             -- the operator credential's name, or cli:<login>
+    at_ms       INTEGER NOT NULL,          -- Redis server time of the action
+    reason      TEXT NOT NULL,
+    before      TEXT NOT NULL,             -- JSON: what the action changed, before ...
+    after       TEXT NOT NULL              -- ... and after
+);
+CREATE INDEX IF NOT EXISTS audit_round ON audit (campaign_id, round_id);
 
 CREATE TABLE IF NOT EXISTS settlements (
     code            TEXT PRIMARY KEY,      -- a code is paid at most once, ever
@@ -89,7 +108,20 @@ _UPSERT = {
         " status = CASE WHEN coupons.status = 'redeemed' THEN 'redeemed' ELSE 'void' END,"
         " voided_at_ms = excluded.voided_at_ms"
     ),
+    # An operator's reverse: a redeemed coupon is issued again, without its redemption
+    # time (SET expressions all read the row as it was).
+    "reverse": (
+        "INSERT INTO coupons (code, campaign_id, round_id, venue_id, member_id, status,"
+        " reversed_at_ms) VALUES (?, ?, ?, ?, ?, 'issued', ?)"
+        " ON CONFLICT (code) DO UPDATE SET"
+        " status = CASE WHEN coupons.status = 'redeemed' THEN 'issued' ELSE coupons.status END,"
+        " redeemed_at_ms = CASE WHEN coupons.status = 'redeemed' THEN NULL"
+        " ELSE coupons.redeemed_at_ms END, reversed_at_ms = excluded.reversed_at_ms"
+    ),
 }
+# Stream entries of the operators' controls: an audit row each; a reverse is also an
+# events row (it changes a coupon).
+AUDIT_ACTIONS = ("pause", "resume", "close", "add_stock", "reverse")
 
 # SQLite allows 999 bound parameters in old builds; stay under it.
 CHUNK = 900
@@ -143,6 +175,36 @@ class EventRow:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One operator action (``audit`` row)."""
+    event_id: str
+    action: str
+    round_id: str
+    venue_id: str | None
+    code: str | None
+    units: int | None
+    actor: str
+    at_ms: int
+    reason: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+def overrides_of(audits: Iterable[AuditRow]) -> Overrides:
+    """The operators' overrides of the campaign document that these actions made (as
+    close.lua and add_stock.lua keep them in Redis)."""
+    closed: dict[str, int] = {}
+    added: dict[str, int] = {}
+    for a in audits:
+        if a.action == "close":
+            closed[a.round_id] = min(a.at_ms, closed.get(a.round_id, a.at_ms))
+        elif a.action == "add_stock" and a.venue_id and a.units:
+            line = f"{a.round_id}:{a.venue_id}"
+            added[line] = added.get(line, 0) + a.units
+    return Overrides(closed=closed, added=added)
+
+
+@dataclass(frozen=True, slots=True)
 class CouponRow:
     code: str
     round_id: str
@@ -152,6 +214,7 @@ class CouponRow:
     issued_at_ms: int | None
     redeemed_at_ms: int | None
     voided_at_ms: int | None
+    reversed_at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,12 +251,16 @@ class Ledger:
         """Bring a ledger file written by an older version up to this schema.
 
         v2 added ``events.idem_key`` (for ``coupon-engine restore``); older rows keep
-        NULL there, meaning "not recorded".
+        NULL there, meaning "not recorded". v3 added ``coupons.reversed_at_ms`` (the
+        operators' reverse) and the ``audit`` table (created by SCHEMA).
         """
-        cols = {r[1] for r in self.db.execute("PRAGMA table_info(events)")}
-        if "idem_key" not in cols:
+        for table, column in (("events", "idem_key TEXT"),
+                              ("coupons", "reversed_at_ms INTEGER")):
+            cols = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column.split()[0] in cols:
+                continue
             try:
-                self.db.execute("ALTER TABLE events ADD COLUMN idem_key TEXT")
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
             except sqlite3.OperationalError as exc:  # another process migrated first
                 if "duplicate column" not in str(exc):
                     raise
@@ -237,9 +304,14 @@ class Ledger:
         try:
             for event_id, f in entries:
                 etype = f.get("type", "")
-                if etype not in _UPSERT:
+                if etype not in _UPSERT and etype not in AUDIT_ACTIONS:
                     raise LedgerError(f"stream entry {event_id} has unknown type {etype!r}")
                 at = int(f["at"])
+                if etype in AUDIT_ACTIONS:
+                    added = self._insert_audit(campaign_id, event_id, etype, f, at)
+                    if etype not in _UPSERT:
+                        new += added
+                        continue
                 restocked = int(f["restocked"]) if "restocked" in f else None
                 # Grants carry 'idem' ('' = no key); an event from before that has none.
                 idem = f.get("idem") if etype == "grant" else None
@@ -259,6 +331,37 @@ class Ledger:
             self.rollback()
             raise
         return new
+
+    def _insert_audit(self, campaign_id: str, event_id: str, action: str,
+                      f: Mapping[str, str], at: int) -> int:
+        units = f.get("units")
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO audit (event_id, campaign_id, action, round_id, venue_id,"
+            " code, units, actor, at_ms, reason, before, after) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (event_id, campaign_id, action, f["round"], f.get("venue"), f.get("code"),
+             int(units) if units is not None else None, f["actor"], at, f["reason"],
+             f.get("before", "{}"), f.get("after", "{}")))
+        return cur.rowcount
+
+    def audit_of(self, campaign_id: str, round_id: str | None = None) -> list[AuditRow]:
+        """The campaign's operator actions (of one round), in stream order."""
+        sql = ("SELECT event_id, action, round_id, venue_id, code, units, actor, at_ms,"
+               " reason, before, after FROM audit WHERE campaign_id = ?")
+        args: tuple[str, ...] = (campaign_id,)
+        if round_id is not None:
+            sql += " AND round_id = ?"
+            args += (round_id,)
+        rows = [AuditRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
+                         json.loads(r[9]), json.loads(r[10]))
+                for r in self.db.execute(sql, args)]
+        rows.sort(key=lambda a: event_id_key(a.event_id))
+        return rows
+
+    def audit_count(self, campaign_id: str | None = None) -> int:
+        if campaign_id is None:
+            return self.db.execute("SELECT count(*) FROM audit").fetchone()[0]
+        return self.db.execute("SELECT count(*) FROM audit WHERE campaign_id = ?",
+                               (campaign_id,)).fetchone()[0]
 
     def event_ids(self, campaign_id: str | None = None) -> list[str]:
         if campaign_id is None:
@@ -286,8 +389,10 @@ class Ledger:
         """1 + the highest shard among the campaign's events (1 when it has none)."""
         row = self.db.execute(
             "SELECT max(CAST(substr(event_id, 1, instr(event_id, '/') - 1) AS INTEGER))"
-            " FROM events WHERE campaign_id = ? AND instr(event_id, '/') > 0",
-            (campaign_id,)).fetchone()
+            " FROM (SELECT event_id FROM events WHERE campaign_id = ?"
+            " UNION SELECT event_id FROM audit WHERE campaign_id = ?)"
+            " WHERE instr(event_id, '/') > 0",
+            (campaign_id, campaign_id)).fetchone()
         return (row[0] or 0) + 1
 
     # -- campaign copy ----------------------------------------------------------
@@ -324,7 +429,8 @@ class Ledger:
                               (f"shards:{campaign_id}",)).fetchone()
         return int(row[0]) if row else 1
 
-    def campaign(self, campaign_id: str | None = None) -> Campaign | None:
+    def source_campaign(self, campaign_id: str | None = None) -> Campaign | None:
+        """The campaign document as its file loaded it (what Redis's ``doc`` holds)."""
         if campaign_id is None:
             row = self.db.execute(
                 "SELECT value FROM meta WHERE key = 'active_campaign'").fetchone()
@@ -334,6 +440,14 @@ class Ledger:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?",
                               (f"campaign:{campaign_id}",)).fetchone()
         return cmp.from_json(row[0]) if row else None
+
+    def campaign(self, campaign_id: str | None = None) -> Campaign | None:
+        """The campaign as it ran: its document with the operators' early closes and
+        added stock from the audit rows (what reconciliation, statement and report use)."""
+        c = self.source_campaign(campaign_id)
+        if c is None:
+            return None
+        return cmp.with_overrides(c, overrides_of(self.audit_of(c.id)))
 
     # -- lookups for reconciliation -------------------------------------------
 
@@ -345,7 +459,7 @@ class Ledger:
 
     def coupons_by_code(self, codes: Iterable[str]) -> dict[str, CouponRow]:
         select = ("SELECT code, round_id, venue_id, member_id, status, issued_at_ms,"
-                  " redeemed_at_ms, voided_at_ms FROM coupons")
+                  " redeemed_at_ms, voided_at_ms, reversed_at_ms FROM coupons")
         return {r[0]: CouponRow(*r) for r in self._rows_by_code(select, codes)}
 
     def settlements_by_code(self, codes: Iterable[str]) -> dict[str, Settlement]:
@@ -380,6 +494,38 @@ class Ledger:
             new += cur.rowcount
         return new
 
+    def settled_at(self, campaign_id: str) -> dict[str, int]:
+        """code -> settled_at_ms of every code `settle` paid."""
+        return dict(self.db.execute(
+            "SELECT code, settled_at_ms FROM settlements WHERE campaign_id = ?", (campaign_id,)))
+
+    def settlements_after(self, campaign_id: str, after_rowid: int
+                          ) -> list[tuple[int, str, int]]:
+        """(rowid, code, settled_at_ms) of settlements recorded after ``after_rowid``."""
+        return list(self.db.execute(
+            "SELECT rowid, code, settled_at_ms FROM settlements WHERE campaign_id = ? AND"
+            " rowid > ? ORDER BY rowid", (campaign_id, after_rowid)))
+
+    def meta_int(self, key: str) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def settled_not_redeemed(self, campaign_id: str, venue_id: str | None = None
+                             ) -> list[tuple[str, str, str]]:
+        """(code, venue, status) of codes paid to their venue whose redemption an operator
+        reversed since and that are not redeemed again: money paid without a redemption,
+        for the operator to resolve (a reverse that came in while settle ran without Redis)."""
+        sql = ("SELECT s.code, s.venue_id, c.status FROM settlements s JOIN coupons c ON"
+               " c.code = s.code WHERE s.campaign_id = ? AND c.status != 'redeemed'")
+        args: tuple[str, ...] = (campaign_id,)
+        if venue_id is not None:
+            sql += " AND s.venue_id = ?"
+            args += (venue_id,)
+        return list(self.db.execute(sql + " ORDER BY s.code", args))
+
     def settlement_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM settlements").fetchone()[0]
 
@@ -391,13 +537,20 @@ class Ledger:
 
         def row(v: str) -> dict[str, int]:
             return out.setdefault(v, {"issued": 0, "void": 0, "redeemed": 0, "settled": 0,
-                                      "settled_fen": 0})
+                                      "settled_fen": 0, "reversed": 0,
+                                      "settled_not_redeemed": 0})
 
-        names = {"grant": "issued", "void": "void", "redeem": "redeemed"}
+        names = {"grant": "issued", "void": "void", "redeem": "redeemed", "reverse": "reversed"}
         for venue, etype, n in self.db.execute(
                 "SELECT venue_id, type, count(*) FROM events WHERE campaign_id = ?"
                 " GROUP BY venue_id, type", (campaign_id,)):
             row(venue)[names[etype]] = n
+        for t in out.values():
+            # A reversed redemption is not a redemption (contract section 5).
+            t["redeemed"] -= t["reversed"]
+        for _code, venue, _status in self.settled_not_redeemed(campaign_id):
+            r = row(venue)
+            r["settled_not_redeemed"] = r.get("settled_not_redeemed", 0) + 1
         for venue, n, fen in self.db.execute(
                 "SELECT venue_id, count(*), coalesce(sum(amount_fen), 0) FROM settlements"
                 " WHERE campaign_id = ? GROUP BY venue_id", (campaign_id,)):

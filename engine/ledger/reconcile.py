@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,12 @@ RECON_COLUMNS = ("line", "class", "code", "claimed_code", "venue_id", "venue_nam
                  "claimed_redeemed_at", "ledger_redeemed_at", "claimed_amount_fen", "paid_fen",
                  "time_skew", "note")
 STATEMENT_COLUMNS = ("venue_id", "venue_name", "kind", "city", "issued", "void", "redeemed",
-                     "settled", "unclaimed", "payable_fen", "settled_fen", "outstanding_fen")
+                     "settled", "unclaimed", "payable_fen", "settled_fen", "outstanding_fen",
+                     "reversed", "settled_not_redeemed")
+# Marks codes as settled in Redis before settle pays them (reverse.lua then refuses
+# them): (campaign id, codes, settled at ms) -> the codes it could not mark because their
+# redemption was reversed, or None when Redis cannot be reached.
+Marker = Callable[[str, list[str], int], "set[str] | None"]
 _AMOUNT_RE = re.compile(r"^\d{1,15}$")
 
 
@@ -76,6 +81,9 @@ class Result:
     claims_sha: str
     outcomes: list[Outcome] = field(default_factory=list)
     ledger_redemptions: int = 0
+    # Codes paid to this venue whose redemption was reversed since (and not redeemed
+    # again): flagged for the operator.
+    settled_not_redeemed: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         counts = {c: 0 for c in CLASSES}
@@ -91,6 +99,9 @@ class Result:
             "time_skew": skew,
             "payable_fen": (counts["matched"] + counts["amount_mismatch"])
             * self.campaign.settlement_fen,
+            # Only when there are any: the contract's summary has no such key.
+            **({"settled_not_redeemed": [codes.display(c) for c in self.settled_not_redeemed]}
+               if self.settled_not_redeemed else {}),
         }
 
 
@@ -228,6 +239,8 @@ def classify(ledger: Ledger, venue_id: str, claims_path: Path) -> Result:
             o.cls, o.note = "wrong_venue", "the coupon belongs to another venue"
         elif coupon.status != "redeemed":
             o.cls, o.note = "not_redeemed", f"ledger status {coupon.status}"
+            if coupon.reversed_at_ms is not None:
+                o.note += f" (its redemption was reversed {_fmt(coupon.reversed_at_ms, tz)})"
         else:
             o.cls = "matched" if c.amount_fen == face else "amount_mismatch"
             o.paid_fen = pay
@@ -243,6 +256,8 @@ def classify(ledger: Ledger, venue_id: str, claims_path: Path) -> Result:
     # this file's business nor unclaimed.
     open_redemptions = {k: v for k, v in redemptions.items() if k not in settled_here}
     result.ledger_redemptions = len(open_redemptions)
+    result.settled_not_redeemed = [
+        code for code, _v, _s in ledger.settled_not_redeemed(campaign.id, venue.id)]
     for code, at in sorted(open_redemptions.items(), key=lambda kv: (kv[1], kv[0])):
         if code not in seen:
             out.append(Outcome(None, "unclaimed", code, "", None, at, None, 0,
@@ -332,11 +347,17 @@ def reconcile(ledger: Ledger, venue_id: str, claims_path: Path,
 
 
 def settle(ledger: Ledger, venue_id: str, claims_path: Path, out_dir: Path,
-           now_ms: int | None = None) -> dict[str, Any]:
+           now_ms: int | None = None, mark: Marker | None = None) -> dict[str, Any]:
     """Reconcile and record the paid codes, all in one transaction.
 
     The write lock is taken before classifying, so a concurrent settle waits
     and then sees these codes as already settled (duplicate_claim).
+
+    ``mark`` (when Redis is reachable) marks the codes to pay as settled in Redis
+    before the commit, so an operator can no longer reverse their redemptions; a
+    code whose redemption was reversed in Redis after the ledger last heard of it
+    is not marked, and is not paid (not_redeemed). Without Redis the archiver marks
+    them on its next pass (docs/ledger.md, "Reversed redemptions").
     """
     _prepare_out(out_dir)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -344,8 +365,15 @@ def settle(ledger: Ledger, venue_id: str, claims_path: Path, out_dir: Path,
     ledger.begin()
     try:
         result = classify(ledger, venue_id, Path(claims_path))
-        summary = result.summary()
         pay = result.campaign.settlement_fen
+        to_pay = [o for o in result.outcomes if o.cls in PAID and o.code]
+        missed = mark(result.campaign.id, [o.code for o in to_pay if o.code], now_ms) \
+            if mark is not None and to_pay else None
+        for o in to_pay:
+            if missed and o.code in missed:
+                o.cls, o.paid_fen, o.time_skew = "not_redeemed", 0, False
+                o.note = "its redemption was reversed in Redis before it could be paid"
+        summary = result.summary()
         rows = [Settlement(o.code, result.venue.id, now_ms, result.claims_sha, o.line, pay,
                            o.amount_fen or 0, o.cls == "amount_mismatch")
                 for o in result.outcomes if o.cls in PAID and o.code]
@@ -389,25 +417,34 @@ def statement(ledger: Ledger, out_dir: Path) -> dict[str, Any]:
     known = [v.id for v in c.venues]
     for vid in known + sorted(set(totals) - set(known)):
         t = totals.get(vid, {"issued": 0, "void": 0, "redeemed": 0, "settled": 0,
-                             "settled_fen": 0})
+                             "settled_fen": 0, "reversed": 0, "settled_not_redeemed": 0})
         v = c.venue(vid)
+        # Redemptions settled that still stand; a settled code whose redemption was
+        # reversed is paid without one (settled_not_redeemed, flagged).
+        standing = t["settled"] - t["settled_not_redeemed"]
         venues.append({
             "venue_id": vid, "venue_name": v.name if v else "", "kind": v.kind if v else "",
             "city": v.city if v else "",
             "issued": t["issued"], "void": t["void"], "redeemed": t["redeemed"],
-            "settled": t["settled"], "unclaimed": t["redeemed"] - t["settled"],
+            "settled": t["settled"], "unclaimed": t["redeemed"] - standing,
             "payable_fen": t["redeemed"] * pay, "settled_fen": t["settled_fen"],
             "outstanding_fen": t["redeemed"] * pay - t["settled_fen"],
+            "reversed": t["reversed"], "settled_not_redeemed": t["settled_not_redeemed"],
         })
     sums = {k: sum(v[k] for v in venues) for k in
             ("issued", "void", "redeemed", "settled", "unclaimed", "payable_fen",
-             "settled_fen", "outstanding_fen")}
+             "settled_fen", "outstanding_fen", "reversed", "settled_not_redeemed")}
+    flagged = [{"code": codes.display(code), "venue_id": venue, "status": status}
+               for code, venue, status in ledger.settled_not_redeemed(c.id)]
     # Every issued coupon that is not void may still be redeemed and paid.
     exposure = (sums["issued"] - sums["void"]) * pay
     doc = {
         "campaign_id": c.id, "campaign_name": c.name, "settlement_fen": pay,
         "face_value_fen": c.face_value_fen, "budget_fen": c.budget_fen,
         "venues": venues,
+        # Codes paid whose redemption an operator reversed and that are not redeemed
+        # again: money paid without a redemption, for the operator to resolve.
+        "settled_not_redeemed": flagged,
         "totals": {**sums, "max_exposure_fen": exposure,
                    "budget_remaining_fen": c.budget_fen - sums["payable_fen"],
                    "budget_used_pct": round(100 * sums["payable_fen"] / c.budget_fen, 4)},
@@ -446,4 +483,10 @@ def statement_text(doc: dict[str, Any]) -> str:
         f" settled {t['settled']}; payable {yuan(t['payable_fen'])} of budget"
         f" {yuan(doc['budget_fen'])} yuan ({t['budget_used_pct']}%), max exposure"
         f" {yuan(t['max_exposure_fen'])} yuan")
+    if t.get("reversed"):
+        lines.append(f"  {t['reversed']} redemption(s) reversed by operators (not counted as"
+                     " redeemed)")
+    for f in doc.get("settled_not_redeemed", []):
+        lines.append(f"  WARNING: {f['code']} ({f['venue_id']}) was paid but its redemption"
+                     f" was reversed; it is {f['status']} now: settle it with the venue")
     return "\n".join(lines)

@@ -23,17 +23,44 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ..campaign import Campaign
+from ..campaign import Campaign, with_overrides
 from ..domain import CouponState
 from ..shards import code_shard, member_shard, split
 from ..store import keys as K
 from ..store import records
 from ..store.restore import Report, Stream, Target
-from .db import EventRow, event_id_key, split_event_id
+from .db import AuditRow, EventRow, event_id_key, overrides_of, split_event_id
 
 
 class RestoreError(ValueError):
     """The ledger cannot be turned into a consistent state; the message says why."""
+
+
+def _replay_control(a: AuditRow, where: str, stock: dict[str, int], stats0: dict[str, int],
+                    paused: dict[str, int], last_pause: dict[str, int],
+                    last_resume: dict[str, int]) -> int:
+    """One operator round action, as pause.lua / resume.lua / close.lua / add_stock.lua
+    did it; returns 1 when it bumped the campaign's revision (close, add stock)."""
+    r = a.round_id
+    if a.action == "pause":
+        paused[r] = last_pause[r] = a.at_ms
+    elif a.action == "resume":
+        paused.pop(r, None)
+        last_resume[r] = a.at_ms
+    elif a.action == "close":
+        paused.pop(r, None)
+        return 1
+    elif a.action == "add_stock":
+        if a.venue_id not in stock or not a.units or a.units < 1:
+            raise RestoreError(f"{where}: no stock line {r}:{a.venue_id} to add to")
+        line = f"{r}:{a.venue_id}"
+        # add_stock.lua puts the units in shard 0.
+        stats0[f"initial:{line}"] += a.units
+        stats0[f"added:{line}"] = stats0.get(f"added:{line}", 0) + a.units
+        return 1
+    else:
+        raise RestoreError(f"{where}: unknown operator action")
+    return 0
 
 
 def resolve_shards(campaign_id: str, recorded: dict[str, int], at_least: int,
@@ -73,11 +100,17 @@ class _Coupon:
 
 
 def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
-          idempotency_ttl_s: int, shards: int = 1) -> Target:
-    """Replay ``events`` (stream order) over campaign ``c``, as the scripts did,
-    into ``shards`` stock shards."""
+          idempotency_ttl_s: int, shards: int = 1, audits: Sequence[AuditRow] = (),
+          settled: dict[str, int] | None = None) -> Target:
+    """Replay ``events`` (stream order) over campaign ``c`` (the document as its file
+    loaded it), as the scripts did, into ``shards`` stock shards, with the operators'
+    actions ``audits`` (pause, resume, close, add stock; a reverse is an event too) in
+    their place in the stream, and ``settled`` (code -> settled at) marked on the
+    coupons as `settle` and the archiver mark them."""
     ks = [K.Keys(c.id, s) for s in range(shards)]
     rep = Report(events=len(events))
+    controls = [a for a in audits if a.action != "reverse"]  # a reverse is in events too
+    rep.audit = len(audits)
     rounds = {r.id: r for r in c.rounds}
     # Counters per shard and '<R>:<V>' line, named as in the stats hash.
     stats: list[dict[str, int]] = [{} for _ in range(shards)]
@@ -99,8 +132,33 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
     member_shards: dict[str, int] = {}
     idem: dict[str, tuple[str, int]] = {}
     last: tuple[int, int, int] | None = None
+    paused: dict[str, int] = {}          # round -> paused since (ms)
+    last_pause: dict[str, int] = {}
+    last_resume: dict[str, int] = {}
+    revision = 0                         # close and add_stock bump the campaign's rev
 
-    for e in events:
+    merged: list[EventRow | AuditRow] = [*events, *controls]
+    if controls:
+        merged.sort(key=lambda x: event_id_key(x.event_id))
+    for e in merged:
+        if isinstance(e, AuditRow):
+            where = f"ledger event {e.event_id} ({e.action} {e.round_id})"
+            shard, stream_id = split_event_id(e.event_id)
+            if shard != 0:
+                raise RestoreError(f"{where}: operators' round actions are in shard 0's"
+                                   " stream")
+            pos = event_id_key(e.event_id)
+            if last is not None and pos <= last:
+                raise RestoreError(f"{where}: events are not in stream order")
+            last = pos
+            last_in_shard[0] = stream_id
+            entries_in_shard[0] += 1
+            rd = rounds.get(e.round_id)
+            if rd is None:
+                raise RestoreError(f"{where}: no round {e.round_id} in campaign {c.id}")
+            revision += _replay_control(e, where, rd.stock, stats[0], paused, last_pause,
+                                        last_resume)
+            continue
         where = f"ledger event {e.event_id} ({e.type} {e.code})"
         shard, stream_id = split_event_id(e.event_id)
         if shard >= shards:
@@ -165,6 +223,13 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
             cp.state = replace(st, status="redeemed", redeemed_at_ms=e.at_ms)
             bump(shard, "redeemed", line)
             redeemed.setdefault((shard, e.venue_id), {})[e.code] = e.at_ms
+        elif e.type == "reverse":
+            if status != "redeemed":
+                raise RestoreError(f"{where}: reversed while {status}")
+            cp.state = replace(st, status="issued", redeemed_at_ms=None)
+            stats[shard][f"redeemed:{line}"] -= 1
+            bump(shard, "reversed", line)
+            redeemed[(shard, e.venue_id)].pop(e.code, None)
         elif e.type == "void":
             if status != "issued":
                 raise RestoreError(f"{where}: voided while {status}")
@@ -195,25 +260,41 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
                 elif n < own[sh]:
                     stats[sh][f"xfer_out:{line}"] = own[sh] - n
 
+    ov = overrides_of(controls)
+    ran = with_overrides(c, ov)
     final_hashes: dict[str, dict[str, str]] = {}
     for sh, k in enumerate(ks):
-        final_hashes[k.campaign] = records.campaign_fields(c, sh, shards)
-        for r in c.rounds:
-            final_hashes[k.round(r.id)] = {f: str(v) for f, v in records.round_fields(r).items()}
+        final_hashes[k.campaign] = {**records.campaign_fields(c, sh, shards),
+                                    **records.override_fields(ov, sh)}
+        if sh == 0 and revision:
+            final_hashes[k.campaign][records.REVISION] = str(revision)
+        for r in ran.rounds:
+            h = {f: str(v) for f, v in records.round_fields(r).items()}
+            if r.id in paused:
+                h[records.R_PAUSED] = str(paused[r.id])
+            if sh == 0:
+                if r.id in last_pause:
+                    h[records.R_PAUSED_AT] = str(last_pause[r.id])
+                if r.id in last_resume:
+                    h[records.R_RESUMED_AT] = str(last_resume[r.id])
+            final_hashes[k.round(r.id)] = h
         if stock[sh]:
             final_hashes[k.stock] = stock[sh]
         final_hashes[k.stats] = {name: str(n) for name, n in stats[sh].items()}
 
     hashes: dict[str, dict[str, str]] = {}
     for code, cp in coupons.items():
-        hashes[ks[cp.shard].coupon(code)] = records.coupon_fields(cp.state, cp.closes_at_ms,
-                                                                  cp.voided_at_ms)
+        h = records.coupon_fields(cp.state, cp.closes_at_ms, cp.voided_at_ms)
+        if settled and code in settled:
+            h[records.C_SETTLED] = str(settled[code])
+        hashes[ks[cp.shard].coupon(code)] = h
     for mid, m in members.items():
         hashes[ks[member_shards[mid]].member(mid)] = {f: str(n) for f, n in m.items()}
 
     rep.coupons = len(coupons)
     rep.issued = sum(1 for e in events if e.type == "grant")
     rep.redeemed = sum(1 for e in events if e.type == "redeem")
+    rep.reversed = sum(1 for e in events if e.type == "reverse")
     rep.void = sum(1 for e in events if e.type == "void")
     rep.members = len(members)
     rep.idempotency_restored = len(idem)
@@ -222,7 +303,7 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
         campaign_id=c.id, active=c.id, final_hashes=final_hashes, hashes=hashes,
         lists={ks[member_shards[m]].member_coupons(m): codes[::-1]
                for m, codes in member_codes.items()},
-        zsets={ks[sh].venue_redemptions(v): z for (sh, v), z in redeemed.items()},
+        zsets={ks[sh].venue_redemptions(v): z for (sh, v), z in redeemed.items() if z},
         expiring=idem,
         streams=[Stream(k.events, last_in_shard[sh], entries_in_shard[sh])
                  for sh, k in enumerate(ks)],

@@ -34,7 +34,7 @@ from typing import IO, Any
 from zoneinfo import ZoneInfo
 
 from ..campaign import Campaign, Round
-from .db import Ledger, event_id_key
+from .db import AuditRow, Ledger, event_id_key
 
 # Lines drawn per venue in the sell-out curve; the others are summed into one.
 TOP_VENUES = 10
@@ -94,6 +94,8 @@ class Report:
     redemption: list[dict[str, Any]]          # per venue, campaign-wide
     weeks: list[dict[str, Any]]
     budget: dict[str, int]
+    # The operators' actions on this round (pause, resume, close, add stock), in order.
+    actions: list[AuditRow] = field(default_factory=list)
 
 
 def _campaign_events(db: sqlite3.Connection, campaign_id: str, progress: Progress
@@ -147,7 +149,14 @@ def collect(ledger: Ledger, round_id: str | None, progress: Progress | None = No
                             venues[vid].kind if vid in venues else "",
                             venues[vid].city if vid in venues else "", n)
              for vid, n in r.stock.items()}
+    audits = ledger.audit_of(c.id, r.id)
+    actions = [a for a in audits if a.action != "reverse"]
+    # Stock an operator added joins the line when it was added, not at the opening.
+    adds = sorted((event_id_key(a.event_id), a.venue_id or "", a.units or 0)
+                  for a in actions if a.action == "add_stock")
     remaining = dict(r.stock)
+    for _k, vid, n in adds:
+        remaining[vid] = remaining.get(vid, 0) - n
     issued: dict[str, int] = {}
     void: dict[str, int] = {}
     back_open: dict[str, int] = {}
@@ -158,7 +167,11 @@ def collect(ledger: Ledger, round_id: str | None, progress: Progress | None = No
     city_round: dict[str, int] = {}
     weeks: dict[date, list[int]] = {}    # week -> [issued, void, redeemed]
     burst = [0] * BURST_SECONDS
+    pending_adds = list(reversed(adds))
     for _eid, etype, rid, vid, member, at, restocked in events:
+        while pending_adds and pending_adds[-1][0] < event_id_key(_eid):
+            _k, add_vid, n = pending_adds.pop()
+            remaining[add_vid] = remaining.get(add_vid, 0) + n
         week = weeks.setdefault(_week_start(at, tz), [0, 0, 0])
         if etype == "grant":
             issued[vid] = issued.get(vid, 0) + 1
@@ -172,6 +185,10 @@ def collect(ledger: Ledger, round_id: str | None, progress: Progress | None = No
         elif etype == "redeem":
             redeemed[vid] = redeemed.get(vid, 0) + 1
             week[2] += 1
+        elif etype == "reverse":
+            # An operator's reverse: that redemption is not one any more.
+            redeemed[vid] = redeemed.get(vid, 0) - 1
+            week[2] -= 1
         if rid != r.id or vid not in lines:
             continue
         line = lines[vid]
@@ -232,7 +249,19 @@ def collect(ledger: Ledger, round_id: str | None, progress: Progress | None = No
               "issued": n_issued, "void": n_void, "redeemed": n_redeemed}
     return Report(c, r, list(lines.values()), burst, grouped("kind", kind_round),
                   grouped("city", city_round), members, len(round_members), redemption,
-                  week_rows, budget)
+                  week_rows, budget, actions)
+
+
+ACTION_LABELS = {"pause": "暂停 pause", "resume": "恢复 resume", "close": "结束 close",
+                 "add_stock": "加库存 add stock"}
+
+
+def action_markers(rep: Report) -> list[Marker]:
+    """The operators' pauses, resumes and closes of the round as (seconds since it
+    opened, label), for the sell-out curve."""
+    opens = rep.round.opens_at_ms
+    return [((a.at_ms - opens) / 1000, f"{ACTION_LABELS[a.action]} ({a.actor})")
+            for a in rep.actions if a.action in ("pause", "resume", "close")]
 
 
 # -- numbers -----------------------------------------------------------------------
@@ -376,6 +405,10 @@ def tables(rep: Report) -> dict[str, tuple[list[str], list[list[Any]]]]:
         [[w["week_start"], w["issued"], w["void"], w["redeemed"], w["cumulative_issued"],
           w["cumulative_redeemed"], share(w["cumulative_redeemed"], w["cumulative_issued"])]
          for w in rep.weeks])
+    out["operator_actions"] = (
+        ["at", "seconds_since_open", "action", "venue_id", "units", "by", "reason"],
+        [[local_time(a.at_ms, c.timezone), seconds(a.at_ms - r.opens_at_ms), a.action,
+          a.venue_id or "", a.units or "", a.actor, a.reason] for a in rep.actions])
     b = rep.budget
     out["budget"] = (["item", "fen", "yuan", "share_of_budget"], [
         [k, b[f"{k}_fen"], yuan(b[f"{k}_fen"]), share(b[f"{k}_fen"], b["budget_fen"])]
@@ -410,9 +443,8 @@ def _pyplot(warn: Callable[[str], None]) -> Any:
 
 
 def draw_markers(ax: Any, markers: Sequence[Marker]) -> None:
-    """Vertical lines at moments of the round, e.g. an operator's pause, resume or
-    close. The operator controls record those in the ledger as audit events; the
-    report passes them here once they exist (an empty list until then)."""
+    """Vertical lines at moments of the round: the operators' pauses, resumes and
+    closes, from the ledger's audit (``action_markers(rep)``)."""
     for t, label in markers:
         ax.axvline(t, color="#b03030", linestyle="--", linewidth=1)
         ax.annotate(label, (t, 1), xycoords=("data", "axes fraction"), rotation=90,
@@ -449,7 +481,6 @@ def fig_sellout(plt: Any, rep: Report, markers: Sequence[Marker]) -> Any:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
         ax.set_xlim(left=0)
-        # Operator actions (pause / resume / close) go here once the ledger has them.
         draw_markers(ax, markers)
     fig.suptitle(f"第 {r.id} 轮售罄曲线 Sell-out curve of round {r.id}")
     fig.tight_layout()
@@ -640,6 +671,10 @@ def render_html(rep: Report, s: dict[str, Any], images: dict[str, bytes],
         if table == "sellout_times":
             parts.append("<h3>各场馆售罄时间 Time each venue sold out</h3>")
         parts.append(_html_table(header, rows))
+        if name == "sellout_curve" and rep.actions:
+            # The dashed lines on the curve: who did what, when, and why.
+            parts.append("<h3>运营操作 Operator actions</h3>")
+            parts.append(_html_table(*tabs["operator_actions"]))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -703,6 +738,5 @@ def run(ledger_path: Path, round_id: str | None, out_dir: Path,
     progress = Progress(stream)
     with Ledger(ledger_path) as ledger:
         rep = collect(ledger, round_id, progress)
-    # The operator controls' audit events (pause / resume / close) become markers here.
-    markers: list[Marker] = []
-    return write(rep, out_dir, markers, progress=progress)
+    # The operators' pauses, resumes and closes (the ledger's audit) mark the curve.
+    return write(rep, out_dir, action_markers(rep), progress=progress)

@@ -63,7 +63,7 @@ def campaign_to_restore(ledger: Ledger, path: str | None) -> cmp.Campaign:
     copy is refused: restore that copy, then ``campaign load`` the file, which
     applies the rules for changing a loaded campaign."""
     if path is None:
-        c = ledger.campaign()
+        c = ledger.source_campaign()
         if c is None:
             raise Refused("the ledger holds no campaign document; pass --campaign FILE")
         return c
@@ -75,7 +75,7 @@ def campaign_to_restore(ledger: Ledger, path: str | None) -> cmp.Campaign:
         from_file = cmp.parse_campaign(text)
     except cmp.CampaignError as exc:
         raise Refused(str(exc)) from None
-    kept = ledger.campaign(from_file.id)
+    kept = ledger.source_campaign(from_file.id)
     if kept is not None and kept != from_file:
         raise Refused(f"{path} differs from the ledger's copy of campaign {from_file.id}; run"
                       " restore without --campaign, then `coupon-engine campaign load"
@@ -95,7 +95,8 @@ def dry_run(ledger: Ledger, req: Request) -> Target:
     """What restore would write, computed from the ledger alone."""
     c = campaign_to_restore(ledger, req.campaign_file)
     return build(c, ledger.events_of(c.id), utc_now_ms(), req.idempotency_ttl_s,
-                 shards_for(ledger, c.id, req.shards))
+                 shards_for(ledger, c.id, req.shards), ledger.audit_of(c.id),
+                 ledger.settled_at(c.id))
 
 
 async def restore_into(client: Any, ledger: Ledger, req: Request,
@@ -117,7 +118,9 @@ async def restore_into(client: Any, ledger: Ledger, req: Request,
         c = campaign_to_restore(ledger, req.campaign_file)
     now = await redis_time_ms(client)
     events = await asyncio.to_thread(ledger.events_of, c.id)
-    target = build(c, events, now, req.idempotency_ttl_s, shards)
+    audits = await asyncio.to_thread(ledger.audit_of, c.id)
+    settled = await asyncio.to_thread(ledger.settled_at, c.id)
+    target = build(c, events, now, req.idempotency_ttl_s, shards, audits, settled)
     await apply(client, target, batch=req.batch, crash_point=req.crash_point)
     return target
 
@@ -126,7 +129,8 @@ def summary(t: Target, verb: str = "restored") -> str:
     r = t.report
     lines = [
         f"{verb} campaign {t.campaign_id}: {r.events} ledger event(s), {r.coupons} coupon(s)"
-        f" ({r.redeemed} redeemed, {r.void} void), {r.members} member(s),"
+        f" ({r.redeemed} redeemed, {r.reversed} reversed, {r.void} void), {r.members}"
+        f" member(s), {r.audit} operator action(s),"
         f" {r.idempotency_restored} idempotency record(s)"
         f" ({r.idempotency_expired} expired, not restored)",
         f"event stream resumes after {r.last_event_id or '0-0'}; the archiver's group"

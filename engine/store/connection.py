@@ -162,6 +162,17 @@ async def wired(op: Awaitable[T]) -> T:
         raise
 
 
+async def run_script(client: AnyClient, script: scripts.Script, call: scripts.Call) -> Any:
+    """One script call over redis-py (the operators' controls, settlement marks: not the
+    hot path): EVALSHA, loading the script first when the server does not have it.
+    Failures become ``Unavailable`` as everywhere."""
+    args = scripts.flat(call)
+    try:
+        return await guarded(client.evalsha(script.sha, *args))
+    except rex.NoScriptError:
+        return await guarded(client.eval(script.source, *args))
+
+
 def wire_for(client: AnyClient, settings: Settings) -> Wire | ClusterWire:
     """A hot-path Wire to the same server (and database) as a redis-py client; for a
     ``RedisCluster``, a ClusterWire seeded with the nodes the client knows."""

@@ -14,7 +14,7 @@ from redis import exceptions as rex
 
 from .. import campaign as cmp
 from .. import shards as shards_mod
-from ..campaign import Campaign, UpdatePlan
+from ..campaign import Campaign, Overrides, UpdatePlan
 from . import keys, records, scripts
 from .connection import AnyClient, node_client, redis_time_ms, release
 from .scripts import ClaimActiveOutcome
@@ -29,11 +29,11 @@ async def shard_count(client: AnyClient, campaign_id: str) -> int:
 
 
 async def active_campaign(client: AnyClient) -> Campaign | None:
+    """The loaded campaign as the engine runs it (operators' overrides applied)."""
     cid = await client.get(keys.ACTIVE)
     if cid is None:
         return None
-    doc = await client.hget(keys.Keys(cid).campaign, "doc")
-    return cmp.from_json(doc) if doc else None
+    return records.effective_campaign(await client.hgetall(keys.Keys(cid).campaign))
 
 
 async def _claim_active(client: AnyClient, new_id: str, stale: str) -> None:
@@ -89,11 +89,13 @@ async def load_campaign(client: AnyClient, new: Campaign,
 
 
 def _write_shard(pipe: Any, k: keys.Keys, old: Campaign | None, new: Campaign,
-                 plan: UpdatePlan, shard: int, shards: int) -> None:
+                 plan: UpdatePlan, shard: int, shards: int, ov: Overrides) -> None:
     """Queue one shard's part of a load: its copy of the rounds and the quota,
     and its share of every new or changed stock line (changed lines have not
-    opened, so each shard still holds exactly its share of the old stock)."""
-    for r in new.rounds:
+    opened, so each shard still holds exactly its share of the old stock).
+    Round hashes get the rounds as run (an operator's early close kept); the
+    stock deltas are the file's, so operators' additions stay on top."""
+    for r in cmp.with_overrides(new, ov).rounds:
         pipe.hset(k.round(r.id), mapping=records.round_fields(r))
     for rid in plan.new_rounds:
         added = new.round(rid)
@@ -114,11 +116,13 @@ def _write_shard(pipe: Any, k: keys.Keys, old: Campaign | None, new: Campaign,
 
 
 async def _load_other_shards(client: AnyClient, old: Campaign | None,
-                             new: Campaign, plan: UpdatePlan, shards: int) -> None:
+                             new: Campaign, plan: UpdatePlan, shards: int,
+                             ov: Overrides | None = None) -> None:
     """Apply the plan to shards 1..S-1, each in its own transaction on its own slot,
     before shard 0 (which holds the document) says the load happened. Each shard
     records the fingerprint it is at, so a load repeated after a crash between
     shards applies the plan to each shard exactly once."""
+    ov = ov or Overrides()
     old_fp = old.fingerprint() if old is not None else None
     new_fp = new.fingerprint()
     for s in range(1, shards):
@@ -138,7 +142,7 @@ async def _load_other_shards(client: AnyClient, old: Campaign | None,
                                 f"stock shard {s} holds campaign version {str(at)[:12]}, not the"
                                 f" loaded {str(old_fp)[:12]}; it cannot be updated safely")
                         pipe.multi()
-                        _write_shard(pipe, k, old, new, plan, s, shards)
+                        _write_shard(pipe, k, old, new, plan, s, shards, ov)
                         pipe.hset(k.campaign, mapping=records.campaign_fields(new, s, shards))
                         await pipe.execute()
                         break
@@ -155,22 +159,26 @@ async def _load_tagged(client: AnyClient, tx: AnyClient, new: Campaign,
         while True:
             try:
                 await pipe.watch(k.campaign)
-                doc, had = await pipe.hmget(k.campaign, ["doc", "shards"])
+                fields = await pipe.hgetall(k.campaign)
+                doc, had = fields.get("doc"), fields.get("shards")
                 old = cmp.from_json(doc) if doc else None
+                # Operators' overrides (close.lua, add_stock.lua) change this hash, so
+                # one landing now fails the WATCH and the load is planned again.
+                ov = records.overrides_from(fields)
                 if old is not None and int(had or 1) != shards:
                     raise cmp.CampaignError(
                         f"campaign {new.id} was loaded with {int(had or 1)} stock shard(s);"
                         f" it cannot be reloaded with {shards}")
                 now = await redis_time_ms(pipe)
-                plan = cmp.plan_update(old, new, now)
+                plan = cmp.plan_update(old, new, now, ov)
                 await _claim_active(client, new.id, stale)
                 if plan.noop:
                     await pipe.reset()
                     return plan
-                await _load_other_shards(client, old, new, plan, shards)
+                await _load_other_shards(client, old, new, plan, shards, ov)
                 pipe.multi()
                 pipe.hset(k.campaign, mapping=records.campaign_fields(new, 0, shards))
-                _write_shard(pipe, k, old, new, plan, 0, shards)
+                _write_shard(pipe, k, old, new, plan, 0, shards, ov)
                 await pipe.execute()
                 return plan
             except rex.WatchError:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import campaign as cmp
-from ..campaign import Campaign, Round
+from ..campaign import Campaign, Overrides, Round
 from ..domain import CouponState
 
 # Coupon hash cpn:{C}:coupon:<code> (grab.lua writes it, redeem.lua and void.lua change it).
@@ -25,6 +25,20 @@ C_VALID_UNTIL = "valid_until"
 C_CLOSES_AT = "closes_at"  # the round's close: void.lua restocks only before it
 C_REDEEMED_AT = "redeemed_at"
 C_VOIDED_AT = "voided_at"
+C_SETTLED = "settled"  # ms when `settle` paid it (mark_settled.lua); reverse.lua refuses then
+
+# Round hash cpn:{C}:round:<R>: besides round_fields, the operators' pause (pause.lua,
+# resume.lua): p = paused since (ms; present only while paused, grab.lua reads it),
+# pa / ra = the last pause / resume (ms), kept for the dashboard.
+R_PAUSED = "p"
+R_PAUSED_AT = "pa"
+R_RESUMED_AT = "ra"
+
+# Campaign hash cpn:{C}:campaign: the operators' overrides of the file's document
+# (close.lua, add_stock.lua) and a counter bumped by each, so that workers reload.
+CLOSED_PREFIX = "closed:"   # closed:<R> -> ms, in every stock shard (void.lua reads it)
+ADDED_PREFIX = "added:"     # added:<R>:<V> -> units, shard 0 only
+REVISION = "rev"
 
 
 def campaign_fields(c: Campaign, shard: int, shards: int) -> dict[str, str]:
@@ -37,6 +51,40 @@ def campaign_fields(c: Campaign, shard: int, shards: int) -> dict[str, str]:
         if shards > 1:
             out["shards"] = str(shards)
     return out
+
+
+def overrides_from(fields: Mapping[str, str]) -> Overrides:
+    """The operators' overrides held in a shard-0 campaign hash (HGETALL)."""
+    closed = {f[len(CLOSED_PREFIX):]: int(v) for f, v in fields.items()
+              if f.startswith(CLOSED_PREFIX)}
+    added = {f[len(ADDED_PREFIX):]: int(v) for f, v in fields.items()
+             if f.startswith(ADDED_PREFIX)}
+    return Overrides(closed=closed, added=added)
+
+
+def override_fields(ov: Overrides, shard: int) -> dict[str, str]:
+    """The campaign hash fields that hold ``ov`` in stock shard ``shard`` (restore)."""
+    out = {f"{CLOSED_PREFIX}{r}": str(ms) for r, ms in ov.closed.items()}
+    if shard == 0:
+        out.update({f"{ADDED_PREFIX}{line}": str(n) for line, n in ov.added.items()})
+    return out
+
+
+def effective_campaign(fields: Mapping[str, str]) -> Campaign | None:
+    """The campaign as the engine runs it, from a shard-0 campaign hash: the document
+    the file loaded with the operators' overrides applied; None without a document."""
+    doc = fields.get("doc")
+    if not doc:
+        return None
+    return cmp.with_overrides(cmp.from_json(doc), overrides_from(fields))
+
+
+def campaign_version(fingerprint: str | None, revision: str | None) -> str | None:
+    """What workers compare to know the campaign changed: the loaded file's fingerprint
+    and the count of operator changes since."""
+    if not fingerprint:
+        return None
+    return f"{fingerprint}/{revision or 0}"
 
 
 def round_fields(r: Round) -> dict[str, int]:

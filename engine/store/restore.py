@@ -41,7 +41,9 @@ class Report:
     coupons: int = 0
     issued: int = 0
     redeemed: int = 0
+    reversed: int = 0
     void: int = 0
+    audit: int = 0
     members: int = 0
     idempotency_restored: int = 0
     idempotency_expired: int = 0

@@ -36,6 +36,7 @@ class GrabOutcome(IntEnum):
     IDEMPOTENCY_REUSED = 9
     CODE_COLLISION = 10
     BAD_ARGUMENT = 11
+    ROUND_PAUSED = 12
 
 
 class RedeemOutcome(IntEnum):
@@ -73,6 +74,54 @@ class ClaimActiveOutcome(IntEnum):
     HELD = 1
 
 
+# The operator controls (docs/operations.md, "Operator controls").
+
+class PauseOutcome(IntEnum):
+    PAUSED = 0
+    ROUND_NOT_FOUND = 1
+    ROUND_NOT_OPEN = 2
+    ROUND_CLOSED = 3
+    ALREADY_PAUSED = 4
+
+
+class ResumeOutcome(IntEnum):
+    RESUMED = 0
+    ROUND_NOT_FOUND = 1
+    ROUND_NOT_PAUSED = 2
+
+
+class CloseOutcome(IntEnum):
+    CLOSED = 0
+    ROUND_NOT_FOUND = 1
+    ROUND_CLOSED = 2
+
+
+class AddStockOutcome(IntEnum):
+    ADDED = 0
+    ROUND_NOT_FOUND = 1
+    VENUE_NOT_FOUND = 2
+    ROUND_CLOSED = 3
+    OVER_BUDGET = 4
+    BAD_ARGUMENT = 5
+
+
+class ReverseOutcome(IntEnum):
+    REVERSED = 0
+    NOT_FOUND = 1
+    NOT_REDEEMED = 2
+    ALREADY_SETTLED = 3
+    BAD_ARGUMENT = 4
+
+
+class MarkSettledOutcome(IntEnum):
+    DONE = 0
+
+
+class RoundSyncOutcome(IntEnum):
+    SYNCED = 0
+    ROUND_NOT_FOUND = 1
+
+
 OUTCOMES: dict[str, type[IntEnum]] = {
     "grab": GrabOutcome,
     "redeem": RedeemOutcome,
@@ -80,6 +129,13 @@ OUTCOMES: dict[str, type[IntEnum]] = {
     "xfer_out": XferOutOutcome,
     "xfer_in": XferInOutcome,
     "claim_active": ClaimActiveOutcome,
+    "pause": PauseOutcome,
+    "resume": ResumeOutcome,
+    "close": CloseOutcome,
+    "add_stock": AddStockOutcome,
+    "reverse": ReverseOutcome,
+    "mark_settled": MarkSettledOutcome,
+    "round_sync": RoundSyncOutcome,
 }
 
 
@@ -156,7 +212,8 @@ def redeem_call(k: ShardKeys, venue_id: str, code: str) -> Call:
 
 
 def void_call(k: ShardKeys, member_id: str, code: str, channel: str) -> Call:
-    return [k.coupon(code), k.stock, k.stats, k.events], [member_id, code, channel]
+    return ([k.coupon(code), k.stock, k.stats, k.events, k.campaign],
+            [member_id, code, channel])
 
 
 def xfer_out_call(k: ShardKeys, line: str, transfer_id: str, to: int) -> Call:
@@ -166,6 +223,42 @@ def xfer_out_call(k: ShardKeys, line: str, transfer_id: str, to: int) -> Call:
 def xfer_in_call(k: ShardKeys, line: str, transfer_id: str, units: int, donor: int,
                  channel: str) -> Call:
     return [k.stock, k.xfer_in, k.stats], [line, transfer_id, units, donor, channel]
+
+
+def pause_call(k: ShardKeys, round_id: str, actor: str, reason: str, channel: str) -> Call:
+    return [k.round(round_id), k.events], [round_id, actor, reason, channel]
+
+
+def resume_call(k: ShardKeys, round_id: str, actor: str, reason: str, channel: str) -> Call:
+    return [k.round(round_id), k.events], [round_id, actor, reason, channel]
+
+
+def close_call(k: ShardKeys, round_id: str, actor: str, reason: str, channel: str) -> Call:
+    return [k.round(round_id), k.campaign, k.events], [round_id, actor, reason, channel]
+
+
+def add_stock_call(k: ShardKeys, round_id: str, venue_id: str, units: int, actor: str,
+                   reason: str, channel: str) -> Call:
+    return ([k.round(round_id), k.campaign, k.stock, k.stats, k.events],
+            [round_id, venue_id, units, actor, reason, channel])
+
+
+def reverse_call(k: ShardKeys, code: str, venue_id: str, actor: str, reason: str) -> Call:
+    """reverse.lua: ``venue_id`` is the coupon's venue as the caller read it."""
+    return ([k.coupon(code), k.stats, k.venue_redemptions(venue_id), k.events],
+            [code, venue_id, actor, reason])
+
+
+def mark_settled_call(k: ShardKeys, codes_: list[str], at_ms: int,
+                      only_redeemed: bool) -> Call:
+    """mark_settled.lua over codes of one stock shard (``k``)."""
+    return [k.coupon(c) for c in codes_], [at_ms, "1" if only_redeemed else "0"]
+
+
+def round_sync_call(k: ShardKeys, round_id: str, paused: str, closed: int | None) -> Call:
+    """round_sync.lua: ``paused`` is '' (not paused), '*' (paused from the shard's now)
+    or the ms it was paused at; ``closed`` the early close, None for none."""
+    return [k.round(round_id), k.campaign], [round_id, paused, "" if closed is None else closed]
 
 
 def claim_active_call(active_key: str, campaign_id: str, stale: str) -> Call:

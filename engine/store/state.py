@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
-from .. import campaign as cmp
 from .. import codes
 from .. import shards as shards_mod
 from ..campaign import Campaign
@@ -28,8 +29,28 @@ from ..domain import CouponState
 from ..errors import Unavailable
 from . import keys, records, scripts, streams
 from .clusterwire import ClusterWire
-from .connection import AnyClient, guarded, node_client, redis_time_ms, release, wire_for, wired
-from .scripts import Arg, GrabOutcome, RedeemOutcome, Script, VoidOutcome
+from .connection import (
+    AnyClient,
+    guarded,
+    node_client,
+    redis_time_ms,
+    release,
+    run_script,
+    wire_for,
+    wired,
+)
+from .scripts import (
+    AddStockOutcome,
+    Arg,
+    CloseOutcome,
+    GrabOutcome,
+    PauseOutcome,
+    RedeemOutcome,
+    ResumeOutcome,
+    ReverseOutcome,
+    Script,
+    VoidOutcome,
+)
 from .transfers import Transfers
 from .wire import Framed, Wire, framed
 
@@ -63,6 +84,49 @@ class ChangeResult(Generic[Oc]):
     coupon: CouponState | None = None  # the coupon after the change, when it changed
     at_ms: int = 0  # redeemed_at for ALREADY_REDEEMED, valid edge for validity errors
     restocked: bool = False
+
+
+Ctl = TypeVar("Ctl", bound=IntEnum)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlResult(Generic[Ctl]):
+    """Outcome of an operator's control script (pause, resume, close, add_stock,
+    reverse): on success the audit event's stream id and what it recorded."""
+
+    outcome: Ctl
+    now_ms: int
+    event_id: str = ""   # the ledger's id of the audit event (shard-qualified)
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    # A refusal's values after {code, now}: opens_at / closes_at / settled_at (ms), a
+    # status, a message, or add_stock's (committed_fen, budget_fen).
+    values: tuple[Any, ...] = ()
+    coupon: CouponState | None = None  # reverse: the coupon after the change
+
+    @property
+    def edge_ms(self) -> int:
+        return int(self.values[0]) if self.values and isinstance(self.values[0], int) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundControl:
+    """What the operators' controls left in a round hash (shard 0)."""
+
+    paused_since_ms: int | None
+    last_paused_ms: int | None
+    last_resumed_ms: int | None
+    closed_early_ms: int | None
+
+
+def _control_result(enum: type[Ctl], reply: list[Any], event_shard: int = 0) -> ControlResult[Ctl]:
+    oc = scripts.outcome(enum, int(reply[0]))
+    now = int(reply[1])
+    if oc.value == 0:
+        sid = str(reply[2])
+        eid = sid if event_shard == 0 else f"{event_shard}/{sid}"
+        return ControlResult(oc, now, eid, json.loads(reply[3]), json.loads(reply[4]))
+    return ControlResult(oc, now, values=tuple(reply[2:]))
 
 
 class FramedKeys:
@@ -122,6 +186,8 @@ class Store:
         self._grab = scripts.load("grab")
         self._redeem = scripts.load("redeem")
         self._void = scripts.load("void")
+        self._ctl = {name: scripts.load(name) for name in (
+            "pause", "resume", "close", "add_stock", "reverse", "round_sync")}
         self.transfers = Transfers(self.wire, client, self.shard_keys,
                                    self.keys.notify_channel, self.time_ms)
 
@@ -191,6 +257,96 @@ class Store:
             return ChangeResult(oc, now, records.coupon_state(
                 code, records.pairs_to_dict(reply[3:])), restocked=reply[2] == 1)
         return ChangeResult(oc, now, at_ms=int(reply[2]) if len(reply) > 2 else 0)
+
+    # The operators' controls (docs/operations.md, "Operator controls"). Rare calls, over
+    # redis-py. Round decisions are shard 0's; with S > 1 shards the other shards' copies
+    # of the round are paused first and made to agree with shard 0 after, so that once
+    # the call returns no shard grants past what shard 0 recorded.
+
+    async def _shard0(self, name: str, call: scripts.Call) -> list[Any]:
+        return list(await run_script(self.redis, self._ctl[name], call))
+
+    async def _tentative_pause(self, round_id: str) -> None:
+        for s in range(1, self.shards):
+            await run_script(self.redis, self._ctl["round_sync"], scripts.round_sync_call(
+                self.shard_keys[s], round_id, "*", None))
+
+    async def _sync_round(self, round_id: str) -> None:
+        """Copy shard 0's pause and early close of the round to every other shard."""
+        if self.shards == 1:
+            return
+        k = self.keys
+        paused = await guarded(self.redis.hget(k.round(round_id), records.R_PAUSED))
+        closed = await guarded(self.redis.hget(k.campaign, records.CLOSED_PREFIX + round_id))
+        for s in range(1, self.shards):
+            await run_script(self.redis, self._ctl["round_sync"], scripts.round_sync_call(
+                self.shard_keys[s], round_id, paused or "", int(closed) if closed else None))
+
+    async def pause(self, round_id: str, actor: str, reason: str) -> ControlResult[PauseOutcome]:
+        await self._tentative_pause(round_id)
+        try:
+            reply = await self._shard0("pause", scripts.pause_call(
+                self.keys, round_id, actor, reason, self.keys.notify_channel))
+        finally:
+            await self._sync_round(round_id)
+        return _control_result(PauseOutcome, reply)
+
+    async def resume(self, round_id: str, actor: str,
+                     reason: str) -> ControlResult[ResumeOutcome]:
+        try:
+            reply = await self._shard0("resume", scripts.resume_call(
+                self.keys, round_id, actor, reason, self.keys.notify_channel))
+        finally:
+            await self._sync_round(round_id)
+        return _control_result(ResumeOutcome, reply)
+
+    async def close_round(self, round_id: str, actor: str,
+                          reason: str) -> ControlResult[CloseOutcome]:
+        await self._tentative_pause(round_id)
+        try:
+            reply = await self._shard0("close", scripts.close_call(
+                self.keys, round_id, actor, reason, self.keys.notify_channel))
+        finally:
+            await self._sync_round(round_id)
+        return _control_result(CloseOutcome, reply)
+
+    async def add_stock(self, round_id: str, venue_id: str, units: int, actor: str,
+                        reason: str) -> ControlResult[AddStockOutcome]:
+        """The units go to shard 0's stock; other shards refill from it when dry."""
+        reply = await self._shard0("add_stock", scripts.add_stock_call(
+            self.keys, round_id, venue_id, units, actor, reason, self.keys.notify_channel))
+        return _control_result(AddStockOutcome, reply)
+
+    async def reverse(self, code: str, actor: str,
+                      reason: str) -> ControlResult[ReverseOutcome]:
+        shard = self.code_shard(code)
+        k = self.shard_keys[shard]
+        venue = await guarded(self.redis.hget(k.coupon(code), records.C_VENUE))
+        if venue is None:
+            return ControlResult(ReverseOutcome.NOT_FOUND, await self.time_ms())
+        reply = list(await run_script(self.redis, self._ctl["reverse"], scripts.reverse_call(
+            k, code, venue, actor, reason)))
+        res = _control_result(ReverseOutcome, reply, shard)
+        if res.outcome is ReverseOutcome.REVERSED:
+            coupon = records.coupon_state(code, records.pairs_to_dict(reply[5:]))
+            return ControlResult(res.outcome, res.now_ms, res.event_id, res.before,
+                                 res.after, coupon=coupon)
+        return res
+
+    async def round_controls(self) -> dict[str, RoundControl]:
+        """round id -> the pause state and last pause / resume of every round."""
+        pipe = self.redis.pipeline(transaction=False)
+        rounds = [r.id for r in self.campaign.rounds]
+        for rid in rounds:
+            pipe.hmget(self.keys.round(rid), [records.R_PAUSED, records.R_PAUSED_AT,
+                                              records.R_RESUMED_AT])
+        pipe.hmget(self.keys.campaign, [records.CLOSED_PREFIX + rid for rid in rounds])
+        *rows, closed = await guarded(pipe.execute()) if rounds else ([],)
+
+        def ms(v: str | None) -> int | None:
+            return int(v) if v else None
+        return {rid: RoundControl(ms(p), ms(pa), ms(ra), ms(cl))
+                for rid, (p, pa, ra), cl in zip(rounds, rows, closed)}
 
     async def coupon(self, code: str) -> CouponState | None:
         rec = await guarded(self.redis.hgetall(self.shard_keys[self.code_shard(code)]
@@ -270,13 +426,18 @@ class Store:
         return bool(await wired(self.wire.call("EXISTS", k.idempotency(member_id, idem_key))))
 
     async def campaign_fingerprint(self) -> str | None:
-        return await guarded(self.redis.hget(self.keys.campaign, "fingerprint"))
+        """The loaded campaign's version: its file's fingerprint and the count of operator
+        changes (close, add stock) since; a worker reloads when it differs."""
+        fp, rev = await guarded(self.redis.hmget(self.keys.campaign,
+                                                 ["fingerprint", records.REVISION]))
+        return records.campaign_version(fp, rev)
 
     async def reload_campaign(self) -> Campaign | None:
-        doc = await guarded(self.redis.hget(self.keys.campaign, "doc"))
-        if doc is None:
+        """The campaign as run (the file's document with the operators' overrides)."""
+        new = records.effective_campaign(await guarded(self.redis.hgetall(self.keys.campaign)))
+        if new is None:
             return None
-        self.campaign = cmp.from_json(doc)
+        self.campaign = new
         return self.campaign
 
     # Venue API keys: only a SHA-256 of each key is stored.
