@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_metrics import declared_names, drive_traffic, free_port, serve_workers, two_rounds
+from conftest import ADMIN
+from test_metrics import declared_names, drive_traffic, free_port, http, serve_workers, two_rounds
 
 DASH = Path(__file__).resolve().parent.parent / "dashboards"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -89,7 +90,10 @@ def test_every_metric_named_is_declared_by_the_engine() -> None:
     assert {"coupon_grab_requests_total", "coupon_http_request_duration_seconds_bucket",
             "coupon_stock_remaining", "coupon_ledger_lag_events", "coupon_stock_issued",
             "coupon_round_opens_at_seconds", "coupon_stock_sold_out_at_seconds",
-            "coupon_process_cpu_seconds", "redis_memory_used_bytes"} <= used
+            "coupon_process_cpu_seconds", "redis_memory_used_bytes",
+            "coupon_round_paused", "coupon_round_paused_at_seconds",
+            "coupon_round_resumed_at_seconds", "coupon_round_closed_early_at_seconds",
+            "coupon_stock_added", "coupon_stock_reversed"} <= used
     assert {n for n in used - declared if not n.startswith(EXPORTER_PREFIX)} == set()
 
 
@@ -104,6 +108,8 @@ def test_dashboard_is_provisionable() -> None:
     assert len(ids) == len(set(ids))
     for p in panels():
         assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+    names = {a["name"] for a in d["annotations"]["list"]}
+    assert {"Round paused", "Round resumed", "Round closed early"} <= names
     for a in d["annotations"]["list"]:
         if "expr" in a:
             assert a["datasource"]["uid"] == "${datasource}" and a["useValueForTime"], a["name"]
@@ -349,6 +355,17 @@ def test_every_panel_has_data_in_a_real_prometheus(tmp_path: Path, redis_url: st
             if float(g["value"][1]) == want], timeout=15, every=0.3)
         wait_for("the sell-out of R1/V02", lambda: prom_query(
             base, 'coupon_stock_sold_out_at_seconds{round="R1", venue="V02"}'))
+        # The operators' controls: their annotations and panels need them once.
+        assert http("POST", eng.base + "/v1/admin/rounds/R1/stock",
+                    {"venue_id": "V01", "add": 1, "reason": "dashboard test"},
+                    {"Authorization": f"Bearer {ADMIN}"})[0] == 200
+        for action in ("pause", "resume", "close"):
+            assert http("POST", eng.base + f"/v1/admin/rounds/R1/{action}",
+                        {"reason": "dashboard test"}, {"Authorization": f"Bearer {ADMIN}"}
+                        )[0] == 200
+        wait_for("the operators' actions", lambda: all(
+            prom_query(base, f"coupon_round_{m}_at_seconds")
+            for m in ("paused", "resumed", "closed_early")))
         # A couple more scrapes so that every 5 s rate window holds the traffic.
         time.sleep(2.5)
         empty = [(title, q) for title, q in [*panel_queries(), *annotation_queries()]

@@ -20,6 +20,22 @@ TABLES: dict[str, tuple[dict, set[str], tuple[str, str]]] = {
              ("/v1/rounds/{round_id}/grab", "post")),
     "redeem": (service.REDEEM_REFUSALS, {"REDEEMED"}, ("/v1/venue/redemptions", "post")),
     "void": (service.VOID_REFUSALS, {"VOIDED"}, ("/v1/me/coupons/{code}", "delete")),
+    "pause": (service.PAUSE_REFUSALS, {"PAUSED"}, ("/v1/admin/rounds/{round_id}/pause", "post")),
+    "resume": (service.RESUME_REFUSALS, {"RESUMED"},
+               ("/v1/admin/rounds/{round_id}/resume", "post")),
+    "close": (service.CLOSE_REFUSALS, {"CLOSED"}, ("/v1/admin/rounds/{round_id}/close", "post")),
+    "add_stock": (service.ADD_STOCK_REFUSALS, {"ADDED", "BAD_ARGUMENT"},
+                  ("/v1/admin/rounds/{round_id}/stock", "post")),
+    "reverse": (service.REVERSE_REFUSALS, {"REVERSED", "BAD_ARGUMENT"},
+                ("/v1/admin/redemptions/{code}/reverse", "post")),
+}
+# The contract's error codes of each operator control (section 3), exactly.
+CONTROL_CODES = {
+    "pause": {"round_not_found", "round_not_open", "round_closed"},
+    "resume": {"round_not_found", "round_not_paused"},
+    "close": {"round_not_found", "round_closed"},
+    "add_stock": {"round_not_found", "venue_not_found", "over_budget", "round_closed"},
+    "reverse": {"coupon_not_found", "not_redeemed", "already_settled"},
 }
 
 
@@ -59,6 +75,28 @@ def test_openapi_documents_every_refusal_with_its_extra_field(name: str) -> None
         assert cls.code in props["code"]["enum"], (cls.code, path)
         if cls.extra:
             assert props[cls.extra] == {"type": "string", "format": "date-time"}
+
+
+@pytest.mark.parametrize("name", sorted(CONTROL_CODES))
+def test_each_control_answers_the_contracts_codes(name: str) -> None:
+    table, _, (path, method) = TABLES[name]
+    assert {cls.code for cls in table.values()} == CONTROL_CODES[name]
+    responses = json.loads(openapi.document())["paths"][path][method]["responses"]
+    documented = {c for status, r in responses.items() if status[0] == "4"
+                  for c in r["content"]["application/json"]["schema"]["properties"]["error"][
+                      "properties"]["code"]["enum"]}
+    assert documented == CONTROL_CODES[name] | {"invalid_request", "unauthorized"}
+    assert set(responses) >= {"200", "400", "401", "503"}
+
+
+def test_round_paused_is_documented_with_its_retry_after() -> None:
+    grab = json.loads(openapi.document())["paths"]["/v1/rounds/{round_id}/grab"]["post"]
+    conflict = grab["responses"]["409"]
+    assert "round_paused" in conflict["content"]["application/json"]["schema"]["properties"][
+        "error"]["properties"]["code"]["enum"]
+    # Present on round_paused, absent on the other 409s: documented, not required.
+    assert conflict["headers"]["Retry-After"]["required"] is False
+    assert errors.RoundPaused().headers == {"Retry-After": "30"}
 
 
 def test_every_error_class_is_a_plain_class_with_a_distinct_meaning() -> None:

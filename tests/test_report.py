@@ -443,7 +443,7 @@ def test_progress_on_a_terminal_only(burst_ledger: dict, tmp_path: Path) -> None
 
 
 def test_markers_are_drawn_where_the_curve_asks() -> None:
-    """The hook the operator controls' audit events will use."""
+    """The hook the operator controls' audit events use."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -495,3 +495,68 @@ def test_sell_out_counts_returned_stock_and_weeks_start_on_monday(tmp_path: Path
     assert weeks[-1]["cumulative_redeemed_share"] == "0.5000"
     budget = {b["item"]: b for b in read_csv(tmp_path / "out" / "budget.csv")}
     assert budget["committed"]["fen"] == str(3 * 9900) and budget["committed"]["yuan"] == "297.00"
+
+
+def test_operator_actions_mark_the_curve_and_count(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger's audit on the report: pauses, resumes and closes of the round are
+    dashed lines on its sell-out curve and rows of operator_actions.csv; stock added
+    mid-round joins the line when it was added; a reversed redemption is not counted."""
+    now = datetime(2024, 12, 20, 2, 0, tzinfo=UTC)
+    c = cmp.parse_campaign(campaign_text(now - timedelta(seconds=OPEN_DELAY_S)))
+    opens = c.round("R1").opens_at_ms
+    v10 = "V10"  # stock 3
+
+    def ev(at: int, etype: str, member: str = "", code: str = "", **extra: str) -> tuple:
+        f = {"type": etype, "round": "R1", "at": str(at), **extra}
+        if code:
+            f.update(code=code, venue=v10, member=member)
+        return (f"{at}-0", f)
+
+    def act(at: int, action: str, **extra: str) -> tuple:
+        return ev(at, action, actor="alice", reason=f"{action} because", before="{}",
+                  after="{}", **extra)
+    events = [ev(opens + 100, "grant", "a", "C1", idem=""),
+              act(opens + 150, "pause"),
+              act(opens + 2150, "resume"),
+              ev(opens + 2200, "grant", "b", "C2", idem=""),
+              ev(opens + 2300, "grant", "c", "C3", idem=""),      # sold out: 3 of 3
+              act(opens + 2400, "add_stock", venue=v10, units="2"),
+              ev(opens + 2500, "grant", "d", "C4", idem=""),
+              ev(opens + 2600, "grant", "e", "C5", idem=""),      # sold out again: 5 of 5
+              act(opens + 3000, "close"),
+              ev(opens + 4000, "redeem", "a", "C1"),
+              ev(opens + 5000, "redeem", "b", "C2"),
+              ev(opens + 6000, "reverse", "b", "C2", actor="bob", reason="wrong phone",
+                 before="{}", after="{}")]
+    path = tmp_path / "var" / "ledger.sqlite3"
+    with Ledger(path) as led:
+        led.save_campaign(c)
+        assert led.insert_events(c.id, events) == len(events)
+    drawn: list = []
+    real = report.draw_markers
+
+    def spy(ax, markers) -> None:
+        drawn.append(list(markers))
+        real(ax, markers)
+    monkeypatch.setattr(report, "draw_markers", spy)
+    report.run(path, "R1", tmp_path / "out")
+    want = [(0.15, "暂停 pause (alice)"), (2.15, "恢复 resume (alice)"),
+            (3.0, "结束 close (alice)")]
+    assert drawn == [want, want]  # both axes of the sell-out figure
+    acts = read_csv(tmp_path / "out" / "operator_actions.csv")
+    assert [(a["action"], a["seconds_since_open"], a["venue_id"], a["units"], a["by"],
+             a["reason"]) for a in acts] == [
+        ("pause", "0.150", "", "", "alice", "pause because"),
+        ("resume", "2.150", "", "", "alice", "resume because"),
+        ("add_stock", "2.400", v10, "2", "alice", "add_stock because"),
+        ("close", "3.000", "", "", "alice", "close because")]
+    times = {t["venue_id"]: t for t in read_csv(tmp_path / "out" / "sellout_times.csv")}
+    assert (times[v10]["stock"], times[v10]["granted"]) == ("5", "5")
+    assert times[v10]["sold_out_after_s"] == "2.300"  # the first sell-out stays
+    s = json.loads((tmp_path / "out" / "summary.json").read_text("utf-8"))
+    assert s["closes_at"].startswith(report.local_time(opens + 3000, c.timezone)[:19])
+    red = {r["venue_id"]: r for r in read_csv(tmp_path / "out" / "redemption_by_venue.csv")}
+    assert red[v10]["redeemed"] == "1"
+    page = (tmp_path / "out" / "report.html").read_text("utf-8")
+    assert "运营操作 Operator actions" in page and "pause because" in page
