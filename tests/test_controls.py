@@ -545,3 +545,46 @@ async def test_the_cli_controls_as_the_api_does(make_engine, redis_url, tmp_path
     assert acts == [("pause", who), ("add_stock", who), ("reverse", who), ("resume", who),
                     ("close", who)]
     assert ADMIN not in json.dumps(acts)
+
+
+# -- stock shards ---------------------------------------------------------------------
+
+
+async def test_controls_hold_on_every_stock_shard(make_engine, redis_url) -> None:
+    """With 3 stock shards each shard's copy of the round pauses and closes, and stock
+    added to shard 0 reaches members of the other shards through the refill."""
+    from conftest import members_of
+    e = await make_engine(campaign_toml(rounds=[open_round(redis_url, stock={"V01": 3,
+                                                                            "V02": 30})]),
+                          stock_shards=3)
+    crowd = {s: members_of(s, 6, 3, prefix=f"s{s}-") for s in range(3)}
+    assert (await control(e, "rounds/R1/pause"))[0] == 200
+    paused = [await e.redis.hget(f"cpn:{{test-c{t}}}:round:R1", "p") for t in ("", ":1", ":2")]
+    assert len(set(paused)) == 1 and paused[0] is not None
+    for s in range(3):
+        got = await grab(e, crowd[s][0], venue="V02")
+        assert (got[0], got[1]["error"]["code"]) == (409, "round_paused"), s
+    assert (await control(e, "rounds/R1/resume"))[0] == 200
+    for s in range(3):
+        assert (await grab(e, crowd[s][1], venue="V02"))[0] == 201, s
+    # V01's 3 coupons (one per shard) go; 4 more added to shard 0 reach shards 1 and 2.
+    for s in range(3):
+        assert (await grab(e, crowd[s][2]))[0] == 201, s
+    assert (await control(e, "rounds/R1/stock", {"venue_id": "V01", "add": 4,
+                                                 "reason": "x"}))[0] == 200
+    assert await e.redis.hget("cpn:{test-c}:stats", "added:R1:V01") == "4"
+    got = [await grab(e, m) for m in crowd[1][3:] + crowd[2][3:]]
+    assert sum(1 for s, _, _ in got if s == 201) == 4
+    assert (await control(e, "rounds/R1/close"))[0] == 200
+    closes = {await e.redis.hget(f"cpn:{{test-c{t}}}:round:R1", "c") for t in ("", ":1", ":2")}
+    assert len(closes) == 1
+    for s in range(3):
+        got = await grab(e, crowd[s][4], venue="V02")
+        assert (got[0], got[1]["error"]["code"]) == (410, "round_closed"), s
+    # A void in shard 2 after the close does not restock (its campaign hash knows).
+    code = (await e.client.get("/v1/me/coupons", headers=e.member(crowd[2][1])))
+    code = (await code.json())["coupons"][0]["code"]
+    resp = await e.client.delete(f"/v1/me/coupons/{code}", headers=e.member(crowd[2][1]))
+    assert resp.status == 200
+    st = await e.redis.hgetall("cpn:{test-c:2}:stats")
+    assert st.get("returned_closed:R1:V02") == "1" and "returned_open:R1:V02" not in st
