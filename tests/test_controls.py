@@ -411,6 +411,14 @@ async def test_reloading_the_file_keeps_the_close_and_the_added_stock(
                           budget=30 * 9900)
     with pytest.raises(cmp.CampaignError, match="opened"):
         await load_campaign(aredis, cmp.parse_campaign(moved))
+    # A scheduled round an operator cancelled cannot be changed by a file either.
+    assert (await control(e, "rounds/R2/close", reason="cancelled"))[0] == 200
+    cancelled = await e.redis.hgetall(f"{K}:round:R2")
+    again = campaign_toml(rounds=[r1, {**r2, "stock": {"V01": 9}}], budget=30 * 9900)
+    with pytest.raises(cmp.CampaignError, match="closed by an operator"):
+        await load_campaign(aredis, cmp.parse_campaign(again))
+    assert (await load_campaign(aredis, cmp.parse_campaign(raised))).noop
+    assert await e.redis.hgetall(f"{K}:round:R2") == cancelled
 
 
 # -- workers' cached knowledge ---------------------------------------------------------
@@ -467,6 +475,31 @@ async def test_notices_clear_cached_knowledge(make_engine, redis_url) -> None:
     engine._poke.clear()
     engine.notice("close R1")
     assert engine.state.paused == set() and engine._poke.is_set()
+    # A lost 'resume' costs at most a poll: the poller forgets a pause Redis no longer has.
+    engine.state.paused.add("R1")
+    await engine.refresh()
+    assert engine.state.paused == set()
+
+
+async def test_each_control_tells_the_workers(make_engine, redis_url, aredis) -> None:
+    """The notify channel carries what each control changed, from the script itself."""
+    e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
+    pubsub = aredis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(f"{K}:notify")
+    try:
+        for path, body in (("rounds/R1/pause", None), ("rounds/R1/resume", None),
+                           ("rounds/R1/stock", {"venue_id": "V02", "add": 2, "reason": "x"}),
+                           ("rounds/R1/close", None)):
+            assert (await control(e, path, body))[0] == 200
+        got = []
+        t0 = time.monotonic()
+        while len(got) < 4 and time.monotonic() - t0 < 3:
+            msg = await pubsub.get_message(timeout=0.5)
+            if msg:
+                got.append(msg["data"])
+        assert got == ["pause R1", "resume R1", "restock R1:V02", "close R1"]
+    finally:
+        await pubsub.aclose()
 
 
 async def test_the_controls_show_on_metrics(make_engine, redis_url) -> None:
