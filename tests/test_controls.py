@@ -123,6 +123,24 @@ async def test_pause_resume_and_close_answer_and_decide_with_the_grabs(make_engi
     assert json.loads(acts[2]["before"])["paused"] is False
 
 
+async def test_the_grab_script_itself_refuses_a_paused_round(make_engine, redis_url,
+                                                            aredis) -> None:
+    """Not only the workers' cache: grab.lua reads the pause in its own HMGET, so a grab
+    already on its way to Redis when the pause lands is refused too."""
+    from engine.config import Settings
+    from engine.store import Store
+    from engine.store.scripts import GrabOutcome
+    e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
+    store = Store(aredis, e.campaign, Settings())
+    try:
+        assert (await store.pause("R1", "admin", "x")).event_id
+        assert (await store.grab("R1", "V01", "m", None)).outcome is GrabOutcome.ROUND_PAUSED
+        assert (await store.resume("R1", "admin", "x")).event_id
+        assert (await store.grab("R1", "V01", "m", None)).outcome is GrabOutcome.GRANTED
+    finally:
+        await store.wire.close()
+
+
 async def test_closing_a_scheduled_round_cancels_it(make_engine, redis_url) -> None:
     now = redis_now(redis_url)
     later = {"id": "R2", "opens": now + timedelta(hours=2), "closes": now + timedelta(hours=3),
