@@ -6,7 +6,7 @@ engine's state is ``Store`` (``state.py``); how Redis is reached and checked is
 shards ``transfers.py``; key names ``keys.py``; the Lua scripts and their calls
 ``scripts.py``; the hot path's pipelined connections ``wire.py`` and
 ``clusterwire.py``; the private redis-server ``embedded.py``; writing a
-restored state ``restore.py``.
+restored state ``restore.py``; settled codes marked on the coupons ``settled.py``.
 """
 
 from __future__ import annotations
