@@ -640,7 +640,7 @@ async def test_openapi_documents_every_route_and_its_errors(world: World) -> Non
     doc = await (await world.e.client.get("/openapi.json")).json()
     app = web.Application()
     add_routes(app)
-    public.add_routes(app, demo_sign_in_route=False)  # the world's secrets are configured
+    public.add_routes(app, demo_sign_in_route=False)  # the engine under test has real secrets
     routes = {(r.resource.canonical, r.method.lower()) for r in app.router.routes()
               if r.method != "HEAD"}
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}

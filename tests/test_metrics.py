@@ -364,6 +364,12 @@ async def test_totals_schedule_and_sold_out_gauges(make_engine, redis_url: str) 
     # Two workers that both saw it: the earlier sighting is kept.
     await eng.client.app[ENGINE].store.mark_sold_out(["R1:V01"], at_ms + 5000)
     assert int(await eng.redis.hget(key, "R1:V01")) == at_ms
+    # A poll that read the stock just before Redis lost its data writes nothing into
+    # the empty Redis: no campaign key may come back (restore and the reload guard
+    # take "no keys" for "nothing loaded").
+    await eng.redis.flushall()
+    await eng.client.app[ENGINE].store.mark_sold_out(["R1:V01"], at_ms + 6000)
+    assert await eng.redis.keys("*") == []
 
 
 def test_process_gauges_per_live_process(tmp_path: Path, redis_url: str) -> None:

@@ -11,6 +11,7 @@ order: the store, the model test and the load tools all build calls with them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
@@ -67,6 +68,11 @@ class XferInOutcome(IntEnum):
     CREDITED = 0
     ALREADY_CREDITED = 1
     BAD_ARGUMENT = 2
+
+
+class MarkSoldOutOutcome(IntEnum):
+    MARKED = 0
+    NOT_LOADED = 1
 
 
 class ClaimActiveOutcome(IntEnum):
@@ -136,6 +142,7 @@ OUTCOMES: dict[str, type[IntEnum]] = {
     "reverse": ReverseOutcome,
     "mark_settled": MarkSettledOutcome,
     "round_sync": RoundSyncOutcome,
+    "mark_sold_out": MarkSoldOutOutcome,
 }
 
 
@@ -263,6 +270,11 @@ def round_sync_call(k: ShardKeys, round_id: str, paused: str, closed: int | None
 
 def claim_active_call(active_key: str, campaign_id: str, stale: str) -> Call:
     return [active_key], [campaign_id, stale]
+
+
+def mark_sold_out_call(k: ShardKeys, sold_out_key: str, now_ms: int,
+                       lines: Sequence[str]) -> Call:
+    return [k.campaign, sold_out_key], [now_ms, *lines]
 
 
 def flat(call: Call) -> list[Arg]:

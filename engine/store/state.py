@@ -188,6 +188,7 @@ class Store:
         self._void = scripts.load("void")
         self._ctl = {name: scripts.load(name) for name in (
             "pause", "resume", "close", "add_stock", "reverse", "round_sync")}
+        self._mark_sold_out = scripts.load("mark_sold_out")
         self.transfers = Transfers(self.wire, client, self.shard_keys,
                                    self.keys.notify_channel, self.time_ms)
 
@@ -411,11 +412,10 @@ class Store:
         return {str(f): int(v) for f, v in raw.items()}
 
     async def mark_sold_out(self, lines: list[str], now_ms: int) -> None:
-        """Record the first sighting only: every worker polls, the earliest wins."""
-        pipe = self.redis.pipeline(transaction=False)
-        for line in lines:
-            pipe.hsetnx(self.keys.sold_out, line, now_ms)
-        await guarded(pipe.execute())
+        """Record the first sighting only: every worker polls, the earliest wins; nothing
+        is written into a Redis that no longer holds the campaign (mark_sold_out.lua)."""
+        await self._run(self._mark_sold_out, scripts.mark_sold_out_call(
+            self._framed[0], self.keys.sold_out, now_ms, lines))
 
     async def ledger_lag(self) -> int:
         """Events on the stream not yet archived into the ledger."""
