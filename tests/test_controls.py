@@ -81,10 +81,12 @@ async def test_pause_resume_and_close_answer_and_decide_with_the_grabs(make_engi
     assert audit["before"] == {"paused": False}
     paused_at = parse_rfc3339(audit["at"])
     assert audit["after"] == {"paused": True, "paused_at_ms": paused_at}
+    snap = await e.snapshot()
     for i in range(5):
-        s, b, h = await grab(e, f"m{i}")
+        s, b, h = await grab(e, f"m{i}", key=f"k{i}" if i % 2 else None)
         assert (s, b["error"]["code"]) == (409, "round_paused"), b
         assert h["Retry-After"] == "30"
+    assert await e.snapshot() == snap  # a refused grab changes nothing
     # A keyed retry of a grant made before the pause still finds its coupon.
     s, again, _ = await grab(e, "early", key="tap-1")
     assert (s, again) == (201, first)
