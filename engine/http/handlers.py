@@ -27,6 +27,8 @@ from .caching import cached_json
 
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
+# Seconds a client has to deliver a body once its headers are in (COUPON_CLIENT_TIMEOUT).
+BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
 
 MAX_BODY = 4096
 _IDEM_RE = re.compile(r"^[\x21-\x7e]{1,64}$")
@@ -57,12 +59,31 @@ def error_response(exc: errors.EngineError) -> web.Response:
     return resp
 
 
-async def _body(request: web.Request, decoder: msgspec.json.Decoder) -> object:
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, however it arrives: in the headers' segment or after them, in
+    pieces over a slow network, or chunked without a Content-Length. Stops at the
+    limit (400) and after the client timeout (400; the connection is then closed)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
+    # ``read(n)`` returns what has arrived so far, not n bytes: read to the end.
+    parts: list[bytes] = []
+    size = 0
+    timeout = request.app[BODY_TIMEOUT]
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(MAX_BODY + 1 - size):
+                parts.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
+    except TimeoutError:
+        raise errors.InvalidRequest(
+            f"the body did not arrive within {timeout:g} s") from None
+    return b"".join(parts)
+
+
+async def _body(request: web.Request, decoder: msgspec.json.Decoder) -> object:
+    raw = await read_body(request)
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
