@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from .. import errors
 from ..domain import parse_rfc3339
 from ..schemas import (
+    IDEM_PATTERN,
     CouponReply,
     CouponsReply,
     RedemptionsReply,
@@ -31,7 +32,7 @@ OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
 
 MAX_BODY = 4096
-_IDEM_RE = re.compile(r"^[\x21-\x7e]{1,64}$")
+_IDEM_RE = re.compile(IDEM_PATTERN)
 _JSON = "application/json"
 
 
@@ -96,7 +97,7 @@ async def grab(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     member = engine.member(_authorization(request))
     idem = request.headers.get("Idempotency-Key")
-    if idem is not None and not _IDEM_RE.match(idem):
+    if idem is not None and not _IDEM_RE.fullmatch(idem):
         raise errors.InvalidRequest("Idempotency-Key must be 1-64 printable ASCII characters")
     body = await _body(request, grab_decoder)
     engine.rate_limit_member(member)

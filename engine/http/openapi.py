@@ -16,6 +16,7 @@ import msgspec
 from .. import errors as E
 from .. import schemas
 from ..errors import EngineError
+from ..schemas import IDEM_PATTERN
 from ..service import GRAB_REFUSALS, REDEEM_REFUSALS, VOID_REFUSALS
 
 JSON = "application/json"
@@ -174,11 +175,12 @@ def document(*, demo_sign_in: bool = False) -> bytes:
                                           "campaign_id": {"type": "string"}}}
 
     idem = {"name": "Idempotency-Key", "in": "header", "required": False,
-            "description": "1-64 printable ASCII characters; a replay of the same key and "
+            "description": "1-64 printable ASCII characters, inner spaces included (HTTP "
+                           "strips leading and trailing ones); a replay of the same key and "
                            "body returns the first result again (status included); the same "
                            "key with another body answers 422 idempotency_key_reused",
             "schema": {"type": "string", "minLength": 1, "maxLength": 64,
-                       "pattern": "^[\\x21-\\x7e]+$"}}
+                       "pattern": IDEM_PATTERN}}
     since = {"name": "since", "in": "query", "required": False,
              "description": "RFC 3339 time with an offset; redemptions at or after it, "
                             "oldest first, at most 1,000 (default: from the start)",
