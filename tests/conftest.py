@@ -81,7 +81,8 @@ def campaign_toml(*, cid: str = "test-c", quota: int = 3, budget: int = 10**9,
                 f"closes_at = {iso(r['closes'])}",
                 f"member_round_quota = {r.get('quota', 1)}",
                 f"valid_from = {iso(vf)}", f"valid_until = {iso(vu)}", "[rounds.stock]"]
-        out += [f"{v} = {n}" for v, n in r["stock"].items()]
+        # Quoted: a venue id may hold dots, which TOML reads as nested keys.
+        out += [f'"{v}" = {n}' for v, n in r["stock"].items()]
         out.append("")
     return "\n".join(out)
 
