@@ -202,7 +202,12 @@ def _oversized_but_signed() -> str:
 BAD_MEMBER_TOKENS: dict[str, Callable[[], str]] = {
     "tampered-payload": _tampered_payload,
     "tampered-signature": _tampered_signature,
-    "expired-10s-ago": lambda: hs(HS256, claims(exp=int(time.time()) - 10), SECRET.encode()),
+    # Beyond the 30 s clock-skew leeway on exp, nbf and iat alike.
+    "expired-40s-ago": lambda: hs(HS256, claims(exp=int(time.time()) - 40), SECRET.encode()),
+    "iat-in-40s": lambda: hs(HS256, claims(iat=int(time.time()) + 40), SECRET.encode()),
+    "iat-in-a-year": lambda: hs(HS256, claims(iat=int(time.time()) + 365 * 86400),
+                                SECRET.encode()),
+    "nbf-in-40s": lambda: hs(HS256, claims(nbf=int(time.time()) + 40), SECRET.encode()),
     "nbf-in-an-hour": lambda: hs(HS256, claims(nbf=int(time.time()) + 3600), SECRET.encode()),
     "alg-none-empty-sig": lambda: hs({"alg": "none"}, claims(), b"").rsplit(".", 1)[0] + ".",
     "alg-None-with-sig": lambda: hs({"alg": "None", "typ": "JWT"}, claims(), SECRET.encode()),
@@ -257,6 +262,13 @@ async def test_the_bad_token_cases_are_otherwise_sound(world: World) -> None:
     resp = await world.e.client.get("/v1/me/coupons",
                                     headers={"Authorization": f"Bearer {just_fits}"})
     assert resp.status == 200
+    # Within the 30 s leeway: a phone's or the identity service's clock a little off.
+    now = int(time.time())
+    for skewed in (claims(iat=now + 20), claims(nbf=now + 20), claims(exp=now - 20)):
+        token = hs(HS256, skewed, SECRET.encode())
+        resp = await world.e.client.get("/v1/me/coupons",
+                                        headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 200, skewed
 
 
 async def test_member_id_with_trailing_newline_is_refused(world: World) -> None:
