@@ -76,10 +76,31 @@ def serve_env(data: Path, redis_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def _soft_nofile(n: int) -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (n, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (serve's workers, archiver, redis)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 @contextmanager
 def serve(tmp_path: Path, redis_url: str, campaign_text: str, *, workers: int = 1,
-          ready_timeout: float = 30, **env_extra: str) -> Iterator[Served]:
-    """``serve --workers N --campaign FILE`` until the block ends (SIGTERM, then kill)."""
+          ready_timeout: float = 30, soft_nofile: int | None = None,
+          **env_extra: str) -> Iterator[Served]:
+    """``serve --workers N --campaign FILE`` until the block ends (SIGTERM, then kill);
+    ``soft_nofile`` starts it with that soft open-files limit."""
     camp = tmp_path / "campaign.toml"
     camp.write_text(campaign_text, encoding="utf-8")
     data, port = tmp_path / "var", free_port()
@@ -88,7 +109,9 @@ def serve(tmp_path: Path, redis_url: str, campaign_text: str, *, workers: int = 
     # A file, not a pipe: nobody reads the log while the test runs.
     with log.open("wb") as out:
         proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", str(workers),
-                                 "--campaign", str(camp)], env=env, stderr=out)
+                                 "--campaign", str(camp)], env=env, stderr=out,
+                                preexec_fn=None if soft_nofile is None
+                                else lambda: _soft_nofile(soft_nofile))
     s = Served(f"http://127.0.0.1:{port}", port, env, proc, log)
     try:
         deadline = time.monotonic() + ready_timeout
