@@ -16,7 +16,16 @@ from ..config import Settings
 from ..metrics import Metrics
 from ..service import open_engine
 from . import openapi, public
-from .handlers import BODY_TIMEOUT, ENGINE, OPENAPI, add_routes, error_response
+from .handlers import (
+    BODY_TIMEOUT,
+    ENGINE,
+    METRICS_PAGE,
+    METRICS_TOKEN,
+    OPENAPI,
+    MetricsPage,
+    add_routes,
+    error_response,
+)
 
 log = logging.getLogger("engine.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -81,6 +90,8 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     secrets = resolve_secrets(settings)
     app[OPENAPI] = openapi.document(demo_sign_in=secrets.development)
     app[BODY_TIMEOUT] = settings.client_timeout_s
+    app[METRICS_PAGE] = MetricsPage(metrics)
+    app[METRICS_TOKEN] = settings.metrics_token or ""
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         engine = await open_engine(settings, redis_url, metrics, secrets)

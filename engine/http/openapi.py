@@ -257,8 +257,11 @@ def document(*, demo_sign_in: bool = False) -> bytes:
                                _ok(200, "Ready"), _errors(E.NotReady), security=None)},
         "/metrics": {"get": _op("metrics", "Prometheus metrics of all workers",
                                 {"200": {"description": "Prometheus text format", "content": {
-                                    "text/plain": {"schema": {"type": "string"}}}}}, {},
-                                security=None)},
+                                    "text/plain": {"schema": {"type": "string"}}}}},
+                                _errors(E.Unauthorized), security=None,
+                                description="Rendered at most once a second. With "
+                                            "COUPON_METRICS_TOKEN set, answered only to "
+                                            "Authorization: Bearer <that token> (else 401).")},
         "/openapi.json": {"get": _op("openapi", "This document", {"200": {
             "description": "OpenAPI 3", "content": {JSON: {"schema": {"type": "object"}}}}}, {},
             security=None)},
