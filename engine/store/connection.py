@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -188,16 +189,29 @@ def wire_for(client: AnyClient, settings: Settings) -> Wire | ClusterWire:
     ``RedisCluster``, a ClusterWire seeded with the nodes the client knows."""
     if is_cluster(client):
         return cluster_wire_for(client, settings)
-    kw = client.connection_pool.connection_kwargs
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
     common = {"db": int(kw.get("db") or 0), "username": kw.get("username"),
               "password": kw.get("password")}
     if kw.get("path"):
         addr = Address(path=kw["path"], **common)
     else:
+        ctx = tls_context(pool.connection_class, kw)
         addr = Address(host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)),
-                       tls=client.connection_pool.connection_class.__name__ == "SSLConnection",
-                       **common)
+                       tls=ctx is not None, ssl_context=ctx, **common)
     return Wire(addr, scripts.all_scripts(), timeout=settings.redis_timeout)
+
+
+def tls_context(connection_class: type, kwargs: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context redis-py builds for these connection settings, None for a plain
+    connection: ``rediss://`` with ``ssl_cert_reqs``, ``ssl_ca_certs``,
+    ``ssl_certfile``/``ssl_keyfile``, ``ssl_check_hostname``, ... verifies on the hot
+    path's wire exactly as on every redis-py connection (one context, built by
+    redis-py from the same arguments, never a second reading of them)."""
+    if not issubclass(connection_class, aioredis.SSLConnection):
+        return None
+    context: ssl.SSLContext = connection_class(**kwargs).ssl_context.get()
+    return context
 
 
 def cluster_wire_for(client: Any, settings: Settings) -> ClusterWire:
@@ -206,9 +220,10 @@ def cluster_wire_for(client: Any, settings: Settings) -> ClusterWire:
     seeds = []
     for n in nodes:
         kw = n.connection_kwargs
+        ctx = tls_context(n.connection_class, kw)
         seeds.append(Address(host=n.host, port=int(n.port), username=kw.get("username"),
-                             password=kw.get("password"),
-                             tls=n.connection_class.__name__ == "SSLConnection"))
+                             password=kw.get("password"), tls=ctx is not None,
+                             ssl_context=ctx))
     return ClusterWire(seeds, scripts.all_scripts(), timeout=settings.redis_timeout)
 
 
