@@ -82,15 +82,30 @@ def mint_member_token(secret: str, member_id: str, ttl_s: int = 3600,
 DEFAULT_LEEWAY_S = 30.0
 
 _json = msgspec.json.Decoder()
+
+
+class _Claims(msgspec.Struct):
+    """The claims PyJWT looks at, as sent (any JSON type; UNSET when absent): the
+    checks are PyJWT's, on these values (``_check_claims``)."""
+
+    exp: Any = msgspec.UNSET
+    sub: Any = msgspec.UNSET
+    iat: Any = msgspec.UNSET
+    nbf: Any = msgspec.UNSET
+    aud: Any = msgspec.UNSET
+    jti: Any = msgspec.UNSET
+
+
+_claims_json = msgspec.json.Decoder(_Claims)
 # base64url without padding, the only encoding RFC 7515 allows in a compact JWS.
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 
 
-def _numeric(claims: dict[str, Any], name: str) -> int:
+def _numeric(value: Any, name: str) -> int:
     """A NumericDate claim as PyJWT reads it: ``int(value)`` (so 1.9 is 1, "12" is 12,
     true is 1); anything int() refuses is a bad token."""
     try:
-        return int(claims[name])
+        return int(value)
     except (ValueError, TypeError, OverflowError):
         raise Unauthorized(f"invalid member token: {name} must be an integer") from None
 
@@ -105,14 +120,19 @@ def _hmac_sha256_pads(key: bytes) -> tuple[Any, Any]:
             hashlib.sha256(bytes(b ^ 0x5C for b in key)))
 
 
+# Canonical base64url only, as PyJWT: the low bits of a short last group's last
+# character carry nothing and must be zero. By length % 4: the characters allowed last.
+_B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_CANONICAL_LAST = {2: frozenset(_B64_ALPHABET[::16]), 3: frozenset(_B64_ALPHABET[::4])}
+
+
 def _b64decode(segment: str) -> bytes:
-    if not _B64URL.match(segment) or len(segment) % 4 == 1:
+    rem = len(segment) % 4
+    if not _B64URL.match(segment) or rem == 1:
         raise ValueError("not base64url")
-    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    # Canonical only, as PyJWT: unused low bits of the last character must be zero.
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode():
+    if rem and segment[-1] not in _CANONICAL_LAST[rem]:
         raise ValueError("not canonical base64url")
-    return raw
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 class MemberVerifier:
@@ -164,40 +184,39 @@ class MemberVerifier:
         if not hmac.compare_digest(expected, sig):
             raise Unauthorized("invalid member token: signature verification failed")
         try:
-            claims = _json.decode(_b64decode(body))
+            claims = _claims_json.decode(_b64decode(body))
         except (ValueError, msgspec.DecodeError) as exc:
             raise Unauthorized(f"invalid member token: bad claims ({exc})") from None
-        if not isinstance(claims, dict):
-            raise Unauthorized("invalid member token: claims are not an object")
         sub, exp = self._check_claims(claims, now)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[token] = (sub, exp + self.leeway_s)
         return sub
 
-    def _check_claims(self, claims: dict[str, Any], now: float) -> tuple[str, int]:
+    def _check_claims(self, c: _Claims, now: float) -> tuple[str, int]:
         """(sub, exp) of acceptable claims, in PyJWT's order of checks."""
+        unset = msgspec.UNSET
         leeway = self.leeway_s
-        for name in ("exp", "sub"):
-            if claims.get(name) is None:
-                raise Unauthorized(f"invalid member token: {name} is required")
-        if "iat" in claims and _numeric(claims, "iat") > now + leeway:
+        if c.exp is unset or c.exp is None:
+            raise Unauthorized("invalid member token: exp is required")
+        if c.sub is unset or c.sub is None:
+            raise Unauthorized("invalid member token: sub is required")
+        if c.iat is not unset and _numeric(c.iat, "iat") > now + leeway:
             raise Unauthorized("invalid member token: not yet valid (iat)")
-        if "nbf" in claims and _numeric(claims, "nbf") > now + leeway:
+        if c.nbf is not unset and _numeric(c.nbf, "nbf") > now + leeway:
             raise Unauthorized("invalid member token: not yet valid (nbf)")
-        exp = _numeric(claims, "exp")
+        exp = _numeric(c.exp, "exp")
         if exp <= now - leeway:
             raise Unauthorized("invalid member token: signature has expired")
-        if claims.get("aud"):
+        if c.aud is not unset and c.aud:
             raise Unauthorized("invalid member token: no audience is accepted")
-        sub = claims["sub"]
-        if not isinstance(sub, str):
+        if not isinstance(c.sub, str):
             raise Unauthorized("invalid member token: sub must be a string")
-        if "jti" in claims and not isinstance(claims["jti"], str):
+        if c.jti is not unset and not isinstance(c.jti, str):
             raise Unauthorized("invalid member token: jti must be a string")
-        if not self._ids.match(sub):
+        if not self._ids.match(c.sub):
             raise Unauthorized("token subject is not a valid member id")
-        return sub, exp
+        return c.sub, exp
 
     def _mac(self, msg: bytes) -> bytes:
         """HMAC-SHA256 of ``msg`` under the secret: ``hmac.new(key, msg, sha256)``
