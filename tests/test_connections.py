@@ -8,14 +8,16 @@ come back for a second request, and more connections than the cap.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import campaign_toml, open_round
-from servekit import Served, children, serve
+from servekit import CLI, Served, children, serve
 
 TIMEOUT = 1.0
 KEEPALIVE = 4.0
@@ -172,3 +174,20 @@ def test_the_open_files_limit_is_raised_to_fit_the_cap(engine: Served) -> None:
         line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
         soft = int(line.split()[3])
         assert soft == CAP + 1024, line
+
+
+@pytest.mark.parametrize("name,value", [
+    ("COUPON_CLIENT_TIMEOUT", "soon"), ("COUPON_CLIENT_TIMEOUT", "0"),
+    ("COUPON_KEEPALIVE_TIMEOUT", "-1"), ("COUPON_MAX_CONNECTIONS", "0"),
+    ("COUPON_MAX_CONNECTIONS", "4k"), ("COUPON_REDIS_POOL_SIZE", "0"),
+    ("COUPON_MEMBER_JWT_LEEWAY", "nan"), ("COUPON_METRICS_TOKEN", "two words")])
+def test_an_unusable_limit_is_one_line_naming_it(tmp_path: Path, name: str,
+                                                  value: str) -> None:
+    """Every command stops with exit 2 and one line on stderr naming the variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    env.update(COUPON_DATA_DIR=str(tmp_path), **{name: value})
+    proc = subprocess.run([*CLI, "token", "admin"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.count("\n") == 1 and name in proc.stderr, proc.stderr
+    assert proc.stdout == ""
