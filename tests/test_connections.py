@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from conftest import campaign_toml, open_round
 from servekit import CLI, Served, children, serve
 
@@ -29,6 +30,10 @@ GET = b"GET /healthz HTTP/1.1\r\nHost: engine\r\n\r\n"
 def engine(tmp_path_factory: pytest.TempPathFactory, redis_server) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("conns")
     url = redis_server.url
+    # The session's own server (conftest), emptied as the redis_url fixture does.
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    client.close()
     with serve(tmp, url, campaign_toml(rounds=[open_round(url)]), workers=1,
                soft_nofile=1024,
                COUPON_CLIENT_TIMEOUT=str(TIMEOUT), COUPON_KEEPALIVE_TIMEOUT=str(KEEPALIVE),
