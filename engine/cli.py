@@ -18,7 +18,7 @@ from . import campaign as cmp
 from .auth import mint_member_token, resolve_secrets
 from .campaign import ID_RE
 from .cliargs import add_engine_args, fail
-from .config import Settings, from_flags
+from .config import Settings, SettingsError, from_flags
 from .http import alert_relay
 from .ledger import cli as ledger_cli
 from .logs import setup_logging
@@ -217,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command == "token" and args.kind in ("member", "venue") and not args.id:
         return fail(f"token {args.kind} needs an id")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        return fail(str(exc))
 
 
 if __name__ == "__main__":
