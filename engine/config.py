@@ -44,6 +44,21 @@ class Settings:
     # Unknown or malformed codes a venue may send per minute before 429.
     venue_bad_code_limit: int = 30
     idempotency_ttl_s: int = 86_400
+    # Connections of redis-py's pool per worker (everything but the hot path); a
+    # request that finds them all busy waits for one, up to ``redis_timeout``.
+    redis_pool_size: int = 256
+    # Seconds a client has to deliver a request's complete headers (from connecting,
+    # or from the first byte of its next request on a kept-alive connection), and
+    # again to deliver its body; slower clients are closed (headers) or answered 400.
+    client_timeout_s: float = 10.0
+    # Seconds an idle kept-alive connection stays open between requests.
+    keepalive_timeout_s: float = 75.0
+    # Open client connections per worker; the newest beyond it is closed at once.
+    max_connections: int = 10_000
+    # Clock skew allowed on a member token's exp, nbf and iat, in seconds.
+    member_jwt_leeway_s: float = 30.0
+    # When set, GET /metrics answers only to ``Authorization: Bearer <token>``.
+    metrics_token: str | None = None
     archiver: bool = True
     log_level: str = "INFO"
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -76,8 +91,8 @@ class Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names the variable (one line)."""
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message is one line naming the variable."""
 
 
 # An operator's name: what the audit log records as "who".
@@ -94,19 +109,43 @@ def parse_admin_tokens(value: str, var: str = "COUPON_ADMIN_TOKENS"
     for i, item in enumerate(value.split(","), 1):
         name, sep, token = item.strip().partition(":")
         if not sep or not _NAME_RE.fullmatch(name):
-            raise ConfigError(f"{var}: entry {i} must be NAME:TOKEN with a name of 1-64"
+            raise SettingsError(f"{var}: entry {i} must be NAME:TOKEN with a name of 1-64"
                               " characters of A-Za-z0-9_.@-")
         if len(token) < 16 or not all("\x21" <= ch <= "\x7e" for ch in token):
-            raise ConfigError(f"{var}: the token of {name!r} must be at least 16 printable"
+            raise SettingsError(f"{var}: the token of {name!r} must be at least 16 printable"
                               " ASCII characters without spaces")
         if any(n == name for n, _ in out) or any(t == token for _, t in out):
-            raise ConfigError(f"{var}: {name!r} repeats a name or a token")
+            raise SettingsError(f"{var}: {name!r} repeats a name or a token")
         out.append((name, token))
     return tuple(out)
 
 
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _seconds(name: str, value: str, low: float, high: float) -> float:
+    """A number of seconds in [low, high], else ``SettingsError`` naming ``name``."""
+    try:
+        got = float(value)
+    except ValueError:
+        got = float("nan")
+    if not low <= got <= high:  # NaN fails too
+        raise SettingsError(f"{name} must be a number of seconds from {low:g} to {high:g}, "
+                            f"got {value!r}")
+    return got
+
+
+def _count(name: str, value: str, low: int, high: int) -> int:
+    """An integer in [low, high], else ``SettingsError`` naming ``name``."""
+    try:
+        got = int(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer from {low} to {high}, "
+                            f"got {value!r}") from None
+    if not low <= got <= high:
+        raise SettingsError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return got
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -146,6 +185,20 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         changes["member_burst"] = int(v)
     if v := env.get("COUPON_VENUE_BAD_CODE_LIMIT"):
         changes["venue_bad_code_limit"] = int(v)
+    if v := env.get("COUPON_REDIS_POOL_SIZE"):
+        changes["redis_pool_size"] = _count("COUPON_REDIS_POOL_SIZE", v, 1, 10_000)
+    if v := env.get("COUPON_CLIENT_TIMEOUT"):
+        changes["client_timeout_s"] = _seconds("COUPON_CLIENT_TIMEOUT", v, 0.1, 600)
+    if v := env.get("COUPON_KEEPALIVE_TIMEOUT"):
+        changes["keepalive_timeout_s"] = _seconds("COUPON_KEEPALIVE_TIMEOUT", v, 0.1, 3600)
+    if v := env.get("COUPON_MAX_CONNECTIONS"):
+        changes["max_connections"] = _count("COUPON_MAX_CONNECTIONS", v, 1, 1_000_000)
+    if v := env.get("COUPON_MEMBER_JWT_LEEWAY"):
+        changes["member_jwt_leeway_s"] = _seconds("COUPON_MEMBER_JWT_LEEWAY", v, 0, 300)
+    if v := env.get("COUPON_METRICS_TOKEN"):
+        if not v.isascii() or not v.isprintable() or " " in v:
+            raise SettingsError("COUPON_METRICS_TOKEN must be printable ASCII without spaces")
+        changes["metrics_token"] = v
     if v := env.get("COUPON_ARCHIVER"):
         changes["archiver"] = _bool(v)
     if v := env.get("COUPON_LOG_LEVEL"):

@@ -381,13 +381,13 @@ async def test_named_operator_tokens_name_who_acted(make_engine, redis_url) -> N
 
 
 def test_named_tokens_setting_is_checked_in_one_line() -> None:
-    from engine.config import ConfigError, from_env
+    from engine.config import SettingsError, from_env
     got = from_env({"COUPON_ADMIN_TOKENS": "alice:0123456789abcdef, bob:fedcba9876543210"})
     assert got.admin_tokens == (("alice", "0123456789abcdef"), ("bob", "fedcba9876543210"))
     for bad in ("alice", "alice:short", "al ice:0123456789abcdef",
                 "a:0123456789abcdef,a:fedcba9876543210",
                 "a:0123456789abcdef,b:0123456789abcdef"):
-        with pytest.raises(ConfigError) as exc:
+        with pytest.raises(SettingsError) as exc:
             from_env({"COUPON_ADMIN_TOKENS": bad})
         assert str(exc.value).startswith("COUPON_ADMIN_TOKENS: ") and "\n" not in str(exc.value)
 
