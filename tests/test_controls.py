@@ -380,6 +380,19 @@ async def test_named_operator_tokens_name_who_acted(make_engine, redis_url) -> N
     assert s == 401
 
 
+def test_named_tokens_alone_are_configured_credentials(tmp_path: Path) -> None:
+    """Named tokens say "production" as COUPON_ADMIN_TOKEN does: no development admin
+    token beside them (it would let anyone with the data directory act unnamed), no demo
+    sign-in."""
+    from engine.auth import resolve_secrets
+    from engine.config import Settings
+    s = resolve_secrets(Settings(data_dir=tmp_path, admin_tokens=(("alice", "a" * 16),)))
+    assert (s.development, s.admin_token, s.admins) == (False, "", (("alice", "a" * 16),))
+    s = resolve_secrets(Settings(data_dir=tmp_path, admin_token="b" * 16,
+                                 admin_tokens=(("alice", "a" * 16),)))
+    assert s.admins == (("admin", "b" * 16), ("alice", "a" * 16))
+
+
 def test_named_tokens_setting_is_checked_in_one_line() -> None:
     from engine.config import SettingsError, from_env
     got = from_env({"COUPON_ADMIN_TOKENS": "alice:0123456789abcdef, bob:fedcba9876543210"})

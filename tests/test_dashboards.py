@@ -363,18 +363,18 @@ def test_every_panel_has_data_in_a_real_prometheus(tmp_path: Path, redis_url: st
             assert http("POST", eng.base + f"/v1/admin/rounds/R1/{action}",
                         {"reason": "dashboard test"}, {"Authorization": f"Bearer {ADMIN}"}
                         )[0] == 200
-        wait_for("the operators' actions", lambda: all(
-            prom_query(base, f"coupon_round_{m}_at_seconds")
-            for m in ("paused", "resumed", "closed_early")))
         # A couple more scrapes so that every 5 s rate window holds the traffic.
         time.sleep(2.5)
-        empty = [(title, q) for title, q in [*panel_queries(), *annotation_queries()]
-                 if not prom_query(base, substitute(q))]
-        assert empty == []
         # The panels answer with numbers, not only with series.
         rate = prom_query(base, substitute(
             'sum(rate(coupon_grab_requests_total{round=~"$round"}[$__rate_interval]))'))
         assert float(rate[0]["value"][1]) > 0
+        wait_for("the operators' actions", lambda: all(
+            prom_query(base, f"coupon_round_{m}_at_seconds")
+            for m in ("paused", "resumed", "closed_early")))
+        empty = [(title, q) for title, q in [*panel_queries(), *annotation_queries()]
+                 if not prom_query(base, substitute(q))]
+        assert empty == []
         after = {r["metric"]["round"] + "/" + r["metric"]["venue"]: float(r["value"][1])
                  for r in prom_query(base, substitute(next(
                      q for t, q in panel_queries() if t == "Time to sell-out by venue")))}
