@@ -20,8 +20,8 @@ from typing import Any
 
 from redis import exceptions as rex
 
-from ..cliargs import add_engine_args, fail
-from ..config import Settings, from_flags
+from ..cliargs import Parser, add_engine_args, fail
+from ..config import ConfigError, Settings, from_flags
 from ..shards import MAX_SHARDS
 from ..store.connection import open_client
 from ..store.embedded import EmbeddedRedisError, engine_redis, engine_redis_if_any
@@ -197,11 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m engine.ledger.cli``): the ledger commands
     without the rest of the CLI."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="coupon-engine")
+    parser = Parser(prog="coupon-engine")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        return fail(str(exc))
 
 
 if __name__ == "__main__":

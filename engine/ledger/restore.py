@@ -68,11 +68,7 @@ def campaign_to_restore(ledger: Ledger, path: str | None) -> cmp.Campaign:
             raise Refused("the ledger holds no campaign document; pass --campaign FILE")
         return c
     try:
-        text = Path(path).read_text("utf-8")
-    except OSError as exc:
-        raise Refused(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        from_file = cmp.parse_campaign(text)
+        from_file = cmp.read_campaign(Path(path))
     except cmp.CampaignError as exc:
         raise Refused(str(exc)) from None
     kept = ledger.campaign(from_file.id)
