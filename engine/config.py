@@ -65,6 +65,9 @@ class Settings:
     idempotency_ttl_s: int = 86_400
     archiver: bool = True
     log_level: str = "INFO"
+    # Seconds a long command (reconcile, settle, archive, restore) runs before it shows
+    # its progress on stderr, when stderr is a terminal.
+    progress_after_s: float = 1.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,6 +168,10 @@ def _positive(v: Any) -> str | None:
     return None if math.isfinite(v) and v > 0 else "must be a positive number"
 
 
+def _not_negative(v: Any) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be 0 or more"
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One setting: ``env`` variable, ``field`` of Settings, ``parse`` (text -> value,
@@ -204,6 +211,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("COUPON_VENUE_BAD_CODE_LIMIT", "venue_bad_code_limit", _int, _at_least(1)),
     Option("COUPON_ARCHIVER", "archiver", _bool),
     Option("COUPON_LOG_LEVEL", "log_level", _log_level),
+    Option("COUPON_PROGRESS_AFTER", "progress_after_s", _float, _not_negative),
 )
 
 

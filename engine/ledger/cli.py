@@ -20,7 +20,7 @@ from typing import Any
 
 from redis import exceptions as rex
 
-from ..cliargs import Parser, add_engine_args, fail
+from ..cliargs import Parser, Progress, add_engine_args, fail
 from ..config import ConfigError, Settings, from_flags
 from ..shards import MAX_SHARDS
 from ..store.connection import open_client
@@ -37,11 +37,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _archive(url: str, ledger: Ledger, follow: bool, crash_point: str | None,
-                   cluster: bool = False) -> int:
+                   cluster: bool = False, progress: Progress | None = None) -> int:
     client = open_client(url, cluster=cluster, connect_timeout=5)
     try:
         if not follow:
-            return await archiver.archive_once(client, ledger, crash_point=crash_point)
+            tick = None if progress is None else \
+                (lambda n: progress.update(n, unit=" events"))
+            try:
+                return await archiver.archive_once(client, ledger, crash_point=crash_point,
+                                                   progress=tick)
+            finally:
+                if progress is not None:
+                    progress.finish()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,7 +63,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
     crash = os.environ.get(CRASH_ENV) or None
     try:
         with Ledger(s.ledger_path) as ledger, engine_redis(s) as url:
-            n = asyncio.run(_archive(url, ledger, args.follow, crash, s.redis_cluster))
+            n = asyncio.run(_archive(url, ledger, args.follow, crash, s.redis_cluster,
+                                     _progress(s, "archive")))
     except EmbeddedRedisError as exc:
         return fail(str(exc), 1)
     except (rex.ConnectionError, rex.TimeoutError, OSError, rex.RedisClusterException) as exc:
@@ -72,7 +80,8 @@ def _catch_up(s: Settings, ledger: Ledger) -> None:
         with engine_redis_if_any(s) as url:
             if url is None:
                 return
-            asyncio.run(_archive(url, ledger, False, None, s.redis_cluster))
+            asyncio.run(_archive(url, ledger, False, None, s.redis_cluster,
+                                 _progress(s, "archiving first")))
     except (rex.ConnectionError, rex.TimeoutError, OSError, rex.RedisClusterException,
             EmbeddedRedisError) as exc:
         print(f"coupon-engine: warning: Redis unreachable ({exc}); using the ledger as"
@@ -95,14 +104,26 @@ def _ledger_command(work: Callable[[Ledger, Settings, argparse.Namespace], int]
     return run
 
 
+def _warn(message: str) -> None:
+    print(f"coupon-engine: {message}", file=sys.stderr)
+
+
+def _progress(s: Settings, label: str) -> Progress:
+    return Progress(f"coupon-engine: {label}", delay_s=s.progress_after_s)
+
+
 def _do_reconcile(ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
-    summary = reconcile.reconcile(ledger, args.venue, Path(args.claims), Path(args.out))
+    summary = reconcile.reconcile(ledger, args.venue, Path(args.claims), Path(args.out),
+                                  warn=_warn, progress=_progress(
+                                      s, f"reconcile {Path(args.claims).name}"))
     print(reconcile.summary_json(summary))
     return 0
 
 
 def _do_settle(ledger: Ledger, s: Settings, args: argparse.Namespace) -> int:
-    summary = reconcile.settle(ledger, args.venue, Path(args.claims), Path(args.out))
+    summary = reconcile.settle(ledger, args.venue, Path(args.claims), Path(args.out),
+                               warn=_warn,
+                               progress=_progress(s, f"settle {Path(args.claims).name}"))
     print(reconcile.summary_json(summary))
     return 0
 
@@ -133,7 +154,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 print(restore.summary(target, "would restore"))
                 return 0
             with engine_redis(s) as url:
-                target = asyncio.run(_restore(url, ledger, req))
+                progress = _progress(s, "restore")
+                try:
+                    target = asyncio.run(_restore(url, ledger, req, progress))
+                finally:
+                    progress.finish()
                 print(restore.summary(target))
                 return 0
     except (restore.Refused, restore.RestoreError) as exc:
@@ -144,11 +169,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return fail(f"cannot reach Redis: {exc}", 1)
 
 
-async def _restore(url: str, ledger: Ledger, req: restore.Request) -> restore.Target:
+async def _restore(url: str, ledger: Ledger, req: restore.Request,
+                   progress: Progress) -> restore.Target:
     # Single Redis only: restore writes cpn:active in the same MULTI as the campaign keys.
     client = open_client(url, connect_timeout=5)
     try:
-        return await restore.restore_into(client, ledger, req)
+        return await restore.restore_into(
+            client, ledger, req, progress=lambda n: progress.update(n, unit=" commands"))
     finally:
         await client.aclose()
 

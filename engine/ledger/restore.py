@@ -95,7 +95,8 @@ def dry_run(ledger: Ledger, req: Request) -> Target:
 
 
 async def restore_into(client: Any, ledger: Ledger, req: Request,
-                       say: Callable[[str], None] = print) -> Target:
+                       say: Callable[[str], None] = print,
+                       progress: Callable[[int], None] | None = None) -> Target:
     """Rebuild the campaign in this (single) Redis; raises ``Refused`` or
     ``RestoreError`` before writing anything when it must not."""
     c = campaign_to_restore(ledger, req.campaign_file)
@@ -114,7 +115,8 @@ async def restore_into(client: Any, ledger: Ledger, req: Request,
     now = await redis_time_ms(client)
     events = await asyncio.to_thread(ledger.events_of, c.id)
     target = build(c, events, now, req.idempotency_ttl_s, shards)
-    await apply(client, target, batch=req.batch, crash_point=req.crash_point)
+    await apply(client, target, batch=req.batch, crash_point=req.crash_point,
+                progress=progress)
     return target
 
 
