@@ -60,6 +60,7 @@ def cmd_campaign_check(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign_load(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
     try:
         c = cmp.read_campaign(args.file)
     except cmp.CampaignError as exc:
@@ -77,7 +78,6 @@ def cmd_campaign_load(args: argparse.Namespace) -> int:
                   f"{len(plan.changed_rounds)} changed)")
         return 0
 
-    settings = settings_from(args)
     return with_redis(settings, load)
 
 

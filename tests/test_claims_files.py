@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import campaign_toml
 from test_ledger import BASE_MS, World, make_campaign
-from test_reconcile import run, scene  # noqa: F401  (the fixture)
+from test_reconcile import run
 
 from engine import campaign as cmp
 from engine import codes
@@ -33,6 +33,26 @@ TZ = ZoneInfo("Asia/Shanghai")
 # rather than taken from the engine, so that the test does not trust what it checks.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 CLI = [sys.executable, "-m", "engine.cli"]
+
+
+@pytest.fixture
+def scene(redis_url: str, tmp_path: Path):
+    """As tests/test_reconcile.py's: V01 has ten redeemed coupons a0..a9 (a minute
+    apart from 19:00 local time), two issued, one void; V02 one redeemed."""
+    w = World(redis_url, make_campaign())
+    a = [w.grant("V01", f"m{i}") for i in range(10)]
+    at = {code: BASE_MS + 3_600_000 + i * 60_000 for i, code in enumerate(a)}
+    for code in a:
+        w.redeem(code, at[code])
+    issued = [w.grant("V01", "mi1"), w.grant("V01", "mi2")]
+    voided = w.grant("V01", "mv")
+    w.void(voided, BASE_MS + 5000)
+    other = w.grant("V02", "mo")
+    w.redeem(other, BASE_MS + 7000)
+    w.flush()
+    yield {"w": w, "a": a, "at": at, "issued": issued, "voided": voided, "other": other,
+           "url": redis_url, "dir": tmp_path}
+    w.close()
 
 
 def local(ms: int, fmt: str) -> str:
