@@ -12,14 +12,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import campaign as cmp
 from .auth import mint_member_token, resolve_secrets
 from .campaign import ID_RE
 from .cliargs import Parser, add_engine_args, fail
 from .config import ConfigError, Settings, from_flags
+from .http import alert_relay
 from .ledger import cli as ledger_cli
 from .ledger.guard import LostState, load_checked
+from .logs import setup_logging
 from .server import serve
 from .store import Store, active_campaign, client_for, connect_with_retry
 from .store.embedded import EmbeddedRedisError, engine_redis
@@ -118,6 +122,30 @@ def _venue_token(settings: Settings, args: argparse.Namespace) -> int:
     return with_redis(settings, act)
 
 
+def cmd_alert_relay(args: argparse.Namespace) -> int:
+    """Alertmanager webhook -> WeCom / DingTalk robot (engine/http/alert_relay.py)."""
+    if urlsplit(args.target).scheme not in ("http", "https") or not urlsplit(args.target).netloc:
+        return fail(f"--target must be an http(s) URL, got {args.target!r}")
+    try:
+        ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return fail(f"unknown --timezone {args.timezone!r}")
+    secret = None
+    if args.secret_file:
+        try:
+            secret = Path(args.secret_file).read_text("utf-8").strip()
+        except OSError as exc:
+            return fail(f"cannot read --secret-file {args.secret_file}: {exc.strerror}")
+    try:
+        alert_relay.parse_listen(args.listen)
+    except ValueError as exc:
+        return fail(str(exc))
+    setup_logging("INFO")
+    alert_relay.run(args.listen, args.target, args.format, args.timezone, secret,
+                    args.runbook_base)
+    return 0
+
+
 def _shards_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stock-shards", metavar="S",
                    help="split the campaign's stock over S shards (slots) at its first load;"
@@ -165,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="venue: list key ids")
     add_engine_args(p)
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("alert-relay",
+                       help="turn Alertmanager's webhook into WeCom / DingTalk robot messages")
+    p.add_argument("--listen", default="127.0.0.1:9095", metavar="HOST:PORT")
+    p.add_argument("--target", required=True, metavar="URL", help="the group robot's webhook URL")
+    p.add_argument("--format", required=True, choices=("wecom", "dingtalk"))
+    p.add_argument("--secret-file", metavar="FILE",
+                   help="DingTalk: the robot's signing secret (加签), read from this file")
+    p.add_argument("--runbook-base", metavar="URL",
+                   help="prefix for the rules' relative runbook links, e.g. the repository's URL")
+    p.add_argument("--timezone", default="Asia/Shanghai", help="for the times in messages")
+    p.set_defaults(func=cmd_alert_relay)
 
     ledger_cli.register(sub)
     return parser

@@ -62,6 +62,9 @@ REDEMPTION_OUTCOMES = tuple(dict.fromkeys(
 SCRIPTS = ("grab", "redeem", "void")
 
 FLUSH_INTERVAL_S = 0.25
+PROCESS_SAMPLE_S = 1.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class Metrics:
@@ -138,6 +141,28 @@ class Metrics:
         self.last_poll = Gauge(
             "coupon_state_poll_timestamp_seconds", "When a worker last polled Redis",
             registry=r, multiprocess_mode="livemax")
+        # Totals from Redis's stats hash (summed over shards): unlike the counters
+        # above, they do not restart at 0 with ``serve``. Rates come from the counters.
+        self.stock_issued = Gauge(
+            "coupon_stock_issued", "Coupons issued per round and venue, as Redis counts them",
+            ["round", "venue"], registry=r, multiprocess_mode="livemostrecent")
+        self.stock_void = Gauge(
+            "coupon_stock_void", "Coupons voided per round and venue, as Redis counts them",
+            ["round", "venue"], registry=r, multiprocess_mode="livemostrecent")
+        self.stock_redeemed = Gauge(
+            "coupon_stock_redeemed", "Coupons redeemed per round and venue, as Redis counts them",
+            ["round", "venue"], registry=r, multiprocess_mode="livemostrecent")
+        self.sold_out_at = Gauge(
+            "coupon_stock_sold_out_at_seconds",
+            "When a poller first saw the line's stock at 0 while its round was open (epoch s)",
+            ["round", "venue"], registry=r, multiprocess_mode="livemostrecent")
+        self.round_opens_at = Gauge(
+            "coupon_round_opens_at_seconds", "The round's opening time (epoch s)",
+            ["round"], registry=r, multiprocess_mode="livemostrecent")
+        self.round_closes_at = Gauge(
+            "coupon_round_closes_at_seconds", "The round's closing time (epoch s)",
+            ["round"], registry=r, multiprocess_mode="livemostrecent")
+        self.process = ProcessGauges(r, "worker")
         self._rounds: frozenset[str] = frozenset()
         for s in SCRIPTS:
             self.script_duration.labels(s)
@@ -182,6 +207,7 @@ class Metrics:
             while True:
                 await asyncio.sleep(interval_s)
                 self.flush()
+                self.process.sample()
         finally:
             self.flush()
 
@@ -200,6 +226,8 @@ class Metrics:
         venues = sorted({v for r in campaign.rounds for v in r.stock})
         self.budget.set(campaign.budget_fen)
         for r in campaign.rounds:
+            self.round_opens_at.labels(r.id).set(r.opens_at_ms / 1000)
+            self.round_closes_at.labels(r.id).set(r.closes_at_ms / 1000)
             for o in GRAB_OUTCOMES:
                 self.grab_requests.labels(r.id, o)
             for st in ROUND_STATES:
@@ -209,6 +237,8 @@ class Metrics:
                 self.coupons_voided.labels(r.id, v)
                 self.coupons_redeemed.labels(r.id, v)
                 self.stock_initial.labels(r.id, v).set(n)
+                for g in (self.stock_issued, self.stock_void, self.stock_redeemed):
+                    g.labels(r.id, v)
         for o in GRAB_OUTCOMES:
             self.grab_requests.labels(OTHER, o)
         for v in venues:
@@ -251,8 +281,10 @@ class Metrics:
             self.observe(self.script_duration, time.perf_counter() - t0, name)
 
     def observe_state(self, campaign: Campaign, stock: dict[str, int],
-                      stats: dict[str, int], now_ms: int, ledger_lag: int) -> None:
-        """Set the polled gauges from one reading of Redis."""
+                      stats: dict[str, int], now_ms: int, ledger_lag: int,
+                      sold_out: dict[str, int] | None = None) -> None:
+        """Set the polled gauges from one reading of Redis; ``sold_out`` is
+        '<round>:<venue>' -> ms when the line was first seen sold out."""
         issued = void = redeemed = 0
         for f, n in stats.items():
             kind = f.split(":", 1)[0]
@@ -267,7 +299,14 @@ class Metrics:
             for st in ROUND_STATES:
                 self.round_state.labels(r.id, st).set(1 if st == state else 0)
             for v in r.stock:
-                self.stock_remaining.labels(r.id, v).set(stock.get(f"{r.id}:{v}", 0))
+                line = f"{r.id}:{v}"
+                self.stock_remaining.labels(r.id, v).set(stock.get(line, 0))
+                self.stock_issued.labels(r.id, v).set(stats.get(f"issued:{line}", 0))
+                self.stock_void.labels(r.id, v).set(stats.get(f"void:{line}", 0))
+                self.stock_redeemed.labels(r.id, v).set(stats.get(f"redeemed:{line}", 0))
+                at = (sold_out or {}).get(line)
+                if at is not None:
+                    self.sold_out_at.labels(r.id, v).set(at / 1000)
         self.budget.set(campaign.budget_fen)
         self.budget_committed.set((issued - void) * campaign.settlement_fen)
         self.budget_redeemed.set(redeemed * campaign.settlement_fen)
@@ -281,6 +320,51 @@ class Metrics:
             t0 = loop.time()
             await asyncio.sleep(interval_s)
             self.loop_lag.set(max(0.0, loop.time() - t0 - interval_s))
+
+
+class ProcessGauges:
+    """CPU time and resident memory of this process, labelled by role.
+
+    prometheus_client's own process collector reads only the scraping process in
+    multiprocess mode; these gauges are written by each process into its own
+    file instead. ``liveall`` adds a ``pid`` label to each process's series and
+    drops a process's series once the serve parent marks it dead.
+    """
+
+    def __init__(self, registry: CollectorRegistry, role: str,
+                 every_s: float = PROCESS_SAMPLE_S) -> None:
+        self.cpu = Gauge(
+            "coupon_process_cpu_seconds", "CPU time (user + system) this process has used",
+            ["role"], registry=registry, multiprocess_mode="liveall").labels(role)
+        self.rss = Gauge(
+            "coupon_process_resident_memory_bytes", "Resident memory of this process",
+            ["role"], registry=registry, multiprocess_mode="liveall").labels(role)
+        self.every_s = every_s
+        self._next = 0.0
+        self.sample()  # never a 0 that would read as "no memory"
+
+    def sample(self, now: float | None = None) -> None:
+        """Read /proc/self/stat, at most once per ``every_s``."""
+        now = time.monotonic() if now is None else now
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        cpu, rss = read_process_stat()
+        self.cpu.set(cpu)
+        self.rss.set(rss)
+
+
+def read_process_stat() -> tuple[float, int]:
+    """(CPU seconds, resident bytes) of this process, from /proc/self/stat."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            raw = f.read().decode()
+    except OSError:  # no /proc (not Linux): CPU from the interpreter, memory unknown
+        return time.process_time(), 0
+    # The command name (field 2) is in parentheses and may hold spaces.
+    fields = raw[raw.rindex(")") + 2:].split()
+    utime, stime, rss_pages = int(fields[11]), int(fields[12]), int(fields[21])
+    return (utime + stime) / _CLK_TCK, rss_pages * _PAGE_SIZE
 
 
 def mark_process_dead(pid: int, path: str) -> None:

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from . import campaign as cmp
 from .auth import resolve_secrets
 from .cliargs import fail
@@ -26,7 +28,7 @@ from .http.worker import worker_main
 from .ledger.archiver import run_in_background
 from .ledger.guard import LostState, load_checked, refuse_lost_state
 from .logs import setup_logging
-from .metrics import MULTIPROC_ENV, mark_process_dead
+from .metrics import MULTIPROC_ENV, PROCESS_SAMPLE_S, ProcessGauges, mark_process_dead
 from .store import (
     active_campaign,
     check_safety,
@@ -98,8 +100,21 @@ async def run_archiver(settings: Settings, url: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("ledger archiver writing %s", settings.ledger_path)
+    sampler = asyncio.create_task(_sample_process("archiver", stop))
     await run_in_background(url, settings.ledger_path, stop, cluster=settings.redis_cluster)
+    await sampler
     log.info("ledger archiver stopped")
+
+
+async def _sample_process(role: str, stop: asyncio.Event) -> None:
+    """CPU and memory of this process for /metrics (workers do it in their flush loop)."""
+    gauges = ProcessGauges(CollectorRegistry(), role)
+    while not stop.is_set():
+        gauges.sample()
+        try:
+            await asyncio.wait_for(stop.wait(), PROCESS_SAMPLE_S)
+        except TimeoutError:
+            pass
 
 
 # The archiver copies what Redis already holds durably; during a burst it yields the

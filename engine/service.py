@@ -471,7 +471,20 @@ class Engine:
         # This poll is the engine's one reader of Redis state: the gauges come from here.
         stats = await self.store.stats()
         lag = await self.store.ledger_lag()
-        self.metrics.observe_state(self.campaign, stock, stats, now, lag)
+        sold_out = await self._sold_out(stock, now)
+        self.metrics.observe_state(self.campaign, stock, stats, now, lag, sold_out)
+
+    async def _sold_out(self, stock: dict[str, int], now_ms: int) -> dict[str, int]:
+        """When each line first ran out while its round was open, as the pollers saw it
+        (to the poll interval), for the dashboard's time to sell-out."""
+        seen = await self.store.sold_out_times()
+        new = [f"{r.id}:{v}" for r in self.campaign.rounds
+               if round_state(r, now_ms) == "open" for v in r.stock
+               if f"{r.id}:{v}" not in seen and stock.get(f"{r.id}:{v}", 1) <= 0]
+        if new:
+            await self.store.mark_sold_out(new, now_ms)
+            seen = await self.store.sold_out_times()
+        return seen
 
     def stop(self) -> None:
         """Ask the background loops to end. Cancelling them is not enough on its own:

@@ -161,6 +161,7 @@ class Result:
     next_index: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     errors: int = 0
+    timeouts: int = 0
     runs: int = 1
     note: str = ""
     # CPU microseconds per answer by role (wrk, server, archiver, redis) and the
@@ -244,7 +245,8 @@ def run_wrk(phase: str, url: str, script: Path, args: list[str], connections: in
     return Result(phase=phase, rps=r["requests"] / (r["duration_us"] / 1e6),
                   requests=r["requests"], next_index=r["next"],
                   p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000,
-                  statuses={str(k): v for k, v in r["statuses"].items()}, errors=r["errors"])
+                  statuses={str(k): v for k, v in r["statuses"].items()}, errors=r["errors"],
+                  timeouts=r["timeouts"])
 
 
 def median_result(runs: list[Result]) -> Result:
@@ -257,7 +259,8 @@ def median_result(runs: list[Result]) -> Result:
                   requests=sum(r.requests for r in runs), next_index=runs[-1].next_index,
                   p50_ms=statistics.median(r.p50_ms for r in runs),
                   p99_ms=statistics.median(r.p99_ms for r in runs), statuses=statuses,
-                  errors=sum(r.errors for r in runs), runs=len(runs))
+                  errors=sum(r.errors for r in runs), timeouts=sum(r.timeouts for r in runs),
+                  runs=len(runs))
 
 
 def spread_campaign_id(cluster: Any, shards: int, base: str = CID) -> str:

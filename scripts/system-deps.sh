@@ -8,11 +8,18 @@ command -v curl >/dev/null || need+=(curl)
 # Fault tests (tests/test_faults.py): strace traces the AOF's fsyncs, libfaketime skews clocks.
 command -v strace >/dev/null || need+=(strace)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
-# Browser tests (tests/test_browser.py): Debian's Chromium, driven by Playwright, and a
-# CJK font so the zh-CN pages render (and screenshot) as members see them.
+# Browser tests (tests/test_browser.py, tests/test_report.py): Debian's Chromium, driven
+# by Playwright (never a downloaded browser), and a CJK font so the zh-CN pages and the
+# round report render (and screenshot) as members and operators see them.
 command -v chromium >/dev/null || need+=(chromium)
 [ -e /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc ] || need+=(fonts-noto-cjk)
-[ "${WITH_OPS_TOOLS:-0}" = 1 ] && { command -v prometheus >/dev/null || need+=(prometheus); command -v wrk >/dev/null || need+=(wrk); }
+if [ "${WITH_OPS_TOOLS:-0}" = 1 ]; then
+  command -v prometheus >/dev/null || need+=(prometheus)
+  command -v wrk >/dev/null || need+=(wrk)
+  # Dashboards and alerts (tests/test_dashboards.py, tests/test_alerting.py).
+  command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
+  command -v prometheus-redis-exporter >/dev/null || need+=(prometheus-redis-exporter)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

@@ -460,6 +460,8 @@ def snapshot(redis_url: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         for key in sorted(r.scan_iter(count=1000)):
+            if key.endswith(":soldout"):
+                continue  # the state pollers' monitoring record (keys.sold_out)
             kind = r.type(key)
             if kind == "hash":
                 out[key] = r.hgetall(key)
@@ -661,6 +663,7 @@ class DelayProxy:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         assert self._ready.wait(10)
@@ -677,11 +680,13 @@ class DelayProxy:
         self._loop.run_forever()
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self._writers.add(cw)
         try:
             ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
             cw.close()
             return
+        self._writers.add(uw)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                        delayed: bool) -> None:
@@ -715,9 +720,18 @@ class DelayProxy:
                              return_exceptions=True)
 
     def close(self) -> None:
-        def stop() -> None:
+        async def stop() -> None:
             if self._server is not None:
                 self._server.close()
+            for w in self._writers:
+                w.transport.abort()
+            # Let the pumps see their connections end before the loop stops.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._loop.stop()
-        self._loop.call_soon_threadsafe(stop)
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(stop()))
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()

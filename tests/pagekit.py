@@ -88,10 +88,10 @@ class Serve:
         camp = self.root / "campaign.toml"
         camp.write_text(self.campaign, encoding="utf-8")
         self.port = free_port()
-        log = (self.root / "serve.log").open("wb")
-        self.proc = subprocess.Popen([*CLI, "serve", "--campaign", str(camp), "--port",
-                                      str(self.port), "--workers", "1"],
-                                     env=self.env, stdout=log, stderr=log)
+        with (self.root / "serve.log").open("wb") as log:
+            self.proc = subprocess.Popen([*CLI, "serve", "--campaign", str(camp), "--port",
+                                          str(self.port), "--workers", "1"],
+                                         env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"serve exited: {self.log_tail()}"

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import zipfile
@@ -27,6 +28,7 @@ from test_reconcile import run
 from engine import campaign as cmp
 from engine import codes
 from engine.ledger import Ledger
+from engine.ledger import cli as cli_ledger
 
 TZ = ZoneInfo("Asia/Shanghai")
 # What Excel and WPS evaluate as a formula (OWASP, "CSV Injection"); written out here
@@ -274,6 +276,8 @@ def assert_no_formula(path: Path) -> list[list[str]]:
     rows = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8-sig"))))
     for row in rows:
         for cell in row:
+            if re.fullmatch(r"[+-]?[0-9]+(\.[0-9]+)?", cell):
+                continue  # a number (-5, -12.34) runs nothing
             assert not cell.startswith(FORMULA_START), (path.name, cell)
     return rows
 
@@ -312,6 +316,14 @@ def test_formula_text_never_reaches_a_spreadsheet_as_a_formula(
     capsys.readouterr()
     st = assert_no_formula(out / "statement.csv")
     assert st[1][1].startswith("'=HYPERLINK") and st[-1][1] == "'@SUM(1+1)"
+    # The round report's CSVs (coupon-engine report) name the venues too.
+    report = tmp_path / "report"
+    assert cli_ledger.main(["report", "--round", "R1", "--out", str(report), "--data-dir",
+                            str(tmp_path / "data")]) == 0
+    capsys.readouterr()
+    names = [cell for f in sorted(report.glob("*.csv")) for row in assert_no_formula(f)
+             for cell in row]
+    assert "'=HYPERLINK(\"http://evil/\",\"场馆\")" in names
     w.close()
 
 

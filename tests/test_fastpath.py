@@ -35,6 +35,12 @@ async def test_known_sold_out_and_not_open_cost_no_redis_call(make_engine, redis
                                                 later]))
     assert (await grab(e, "first"))[0] == 201
     assert (await grab(e, "second"))[1]["error"]["code"] == "sold_out"  # learned here
+    # The state poller records the sell-out once (mark_sold_out.lua, not the hot path):
+    # wait for it, so that only the requests below are counted.
+    deadline = time.monotonic() + 5
+    while not await e.redis.hexists("cpn:{test-c}:soldout", "R1:V01"):
+        assert time.monotonic() < deadline, "the poller never recorded the sell-out"
+        await asyncio.sleep(0.05)
     before = await script_and_probe_calls(e.redis)
     for i in range(40):
         assert (await grab(e, f"crowd{i}"))[1]["error"]["code"] == "sold_out"

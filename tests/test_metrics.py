@@ -15,16 +15,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import ADMIN, SECRET, campaign_toml, open_round
+from conftest import ADMIN, SECRET, campaign_toml, open_round, redis_now
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import campaign as cmp
 from engine.auth import mint_member_token
 from engine.config import Settings
+from engine.http.handlers import ENGINE
 from engine.metrics import FLUSH_INTERVAL_S, GRAB_OUTCOMES, Metrics
 from engine.store import Store
 
@@ -171,15 +173,25 @@ class Served:
             return resp.read().decode()
 
 
+def two_rounds(redis_url: str) -> str:
+    """R1 open (V02's 2 coupons sell out in drive_traffic), R2 scheduled in an hour."""
+    r1 = open_round(redis_url, stock={"V01": 50, "V02": 2})
+    r2 = {"id": "R2", "opens": r1["closes"] + timedelta(minutes=1),
+          "closes": r1["closes"] + timedelta(hours=2), "stock": {"V01": 5, "V02": 5}}
+    return campaign_toml(rounds=[r1, r2])
+
+
 @contextmanager
-def serve_workers(tmp_path: Path, redis_url: str, workers: int = 2) -> Iterator[Served]:
-    """``serve --workers N`` against the session's Redis, with an open round R1."""
-    text = campaign_toml(rounds=[open_round(redis_url, stock={"V01": 50, "V02": 50})])
+def serve_workers(tmp_path: Path, redis_url: str, workers: int = 2, port: int | None = None,
+                  text: str | None = None) -> Iterator[Served]:
+    """``serve --workers N`` against the session's Redis, with an open round R1 (or the
+    campaign ``text``) on ``port`` (else a free one)."""
+    text = text or two_rounds(redis_url)
     camp = tmp_path / "c.toml"
     camp.write_text(text, encoding="utf-8")
-    data, port = tmp_path / "var", free_port()
+    data, port = tmp_path / "var", port or free_port()
     # A leftover file from an earlier run must not count: serve wipes the directory.
-    (data / "metrics").mkdir(parents=True)
+    (data / "metrics").mkdir(parents=True, exist_ok=True)
     (data / "metrics" / "counter_999999.db").write_bytes(b"stale")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("COUPON_") and k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -188,10 +200,10 @@ def serve_workers(tmp_path: Path, redis_url: str, workers: int = 2) -> Iterator[
                COUPON_MEMBER_RATE="1000", COUPON_MEMBER_BURST="1000")
     # A file, not a pipe: nobody reads the log while the test runs, and a full pipe
     # would block the engine.
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", str(workers),
-                                 "--redis-url", redis_url, "--campaign", str(camp)],
-                                env=env, stderr=log)
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", str(workers),
+                             "--redis-url", redis_url, "--campaign", str(camp)],
+                            env=env, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -213,6 +225,7 @@ def serve_workers(tmp_path: Path, redis_url: str, workers: int = 2) -> Iterator[
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        log.close()
 
 
 def drive_traffic(eng: Served) -> dict[str, int]:
@@ -236,6 +249,14 @@ def drive_traffic(eng: Served) -> dict[str, int]:
     assert http("POST", eng.base + "/v1/rounds/R1/grab", {"venue_id": "V99"},
                 eng.member("m9"))[0] == 404
     sent["venue_not_found"] += 1
+    # V02 has 2 coupons: both go, the third member finds it sold out.
+    for i in range(2):
+        assert http("POST", eng.base + "/v1/rounds/R1/grab", {"venue_id": "V02"},
+                    eng.member(f"s{i}"))[0] == 201
+        sent["granted"] += 1
+    assert http("POST", eng.base + "/v1/rounds/R1/grab", {"venue_id": "V02"},
+                eng.member("s2"))[0] == 410
+    sent["sold_out"] = 1
     venue = eng.venue("V01")
     for code in codes[:3]:
         assert http("POST", eng.base + "/v1/venue/redemptions", {"code": code}, venue)[0] == 200
@@ -290,3 +311,96 @@ def test_buffered_tallies_equal_direct_prometheus_updates() -> None:
     assert values(buffered) != values(direct)
     buffered.flush()
     assert values(buffered) == values(direct)
+
+
+async def test_totals_schedule_and_sold_out_gauges(make_engine, redis_url: str) -> None:
+    """Totals come from Redis's stats (not the process's counters), the schedule is
+    exported, and the first moment a line was seen sold out is kept in Redis."""
+    from engine.store.keys import Keys
+    eng = await make_engine(campaign_toml(rounds=[open_round(redis_url,
+                                                             stock={"V01": 1, "V02": 3})]))
+    r1 = eng.campaign.round("R1")
+    before_ms = int(redis_now(redis_url).timestamp() * 1000)
+    r = await eng.client.post("/v1/rounds/R1/grab", json={"venue_id": "V01"},
+                              headers=eng.member("m1"))
+    assert r.status == 201
+    code = (await r.json())["coupon"]["code"]
+    key = Keys(eng.campaign.id).sold_out
+    deadline = time.monotonic() + 5
+    while not await eng.redis.hget(key, "R1:V01"):
+        assert time.monotonic() < deadline, "no poller recorded the sell-out"
+        await asyncio.sleep(0.1)
+    at_ms = int(await eng.redis.hget(key, "R1:V01"))
+    # Seen by a poll after the grant, within a poll interval or two.
+    assert before_ms <= at_ms <= before_ms + 3000
+    assert await eng.redis.hget(key, "R1:V02") is None
+    # Pretend the engine's counters restarted: the totals must not care.
+    m = eng.client.app[ENGINE].metrics
+    m.flush()
+    m.coupons_issued.labels("R1", "V01")._value.set(0)
+    s = samples(await (await eng.client.get("/metrics")).text())
+    line = (("round", "R1"), ("venue", "V01"))
+    assert s[("coupon_coupons_issued_total", line)] == 0
+    assert s[("coupon_stock_issued", line)] == 1
+    assert s[("coupon_stock_void", line)] == 0
+    assert s[("coupon_stock_sold_out_at_seconds", line)] == at_ms / 1000
+    assert ("coupon_stock_sold_out_at_seconds", (("round", "R1"), ("venue", "V02"))) not in s
+    assert s[("coupon_round_opens_at_seconds", (("round", "R1"),))] == r1.opens_at_ms / 1000
+    assert s[("coupon_round_closes_at_seconds", (("round", "R1"),))] == r1.closes_at_ms / 1000
+    # A void puts the coupon back on sale; the first sell-out time stays.
+    resp = await eng.client.delete(f"/v1/me/coupons/{code}", headers=eng.member("m1"))
+    assert resp.status == 200
+    deadline = time.monotonic() + 5
+    while True:
+        s = samples(await (await eng.client.get("/metrics")).text())
+        if s[("coupon_stock_void", line)] == 1:
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert s[("coupon_stock_remaining", line)] == 1
+    assert s[("coupon_stock_sold_out_at_seconds", line)] == at_ms / 1000
+    assert int(await eng.redis.hget(key, "R1:V01")) == at_ms
+    # Two workers that both saw it: the earlier sighting is kept.
+    await eng.client.app[ENGINE].store.mark_sold_out(["R1:V01"], at_ms + 5000)
+    assert int(await eng.redis.hget(key, "R1:V01")) == at_ms
+    # A poll that read the stock just before Redis lost its data writes nothing into
+    # the empty Redis: no campaign key may come back (restore and the reload guard
+    # take "no keys" for "nothing loaded").
+    await eng.redis.flushall()
+    await eng.client.app[ENGINE].store.mark_sold_out(["R1:V01"], at_ms + 6000)
+    assert await eng.redis.keys("*") == []
+
+
+def test_process_gauges_per_live_process(tmp_path: Path, redis_url: str) -> None:
+    """CPU and memory per worker (and the archiver), labelled by pid; a worker that
+    dies drops out of the scrape, its replacement appears."""
+    import re
+    with serve_workers(tmp_path, redis_url) as eng:
+        def pids() -> dict[str, set[str]]:
+            out: dict[str, set[str]] = {}
+            for (name, labels), v in samples(eng.scrape()).items():
+                if name == "coupon_process_resident_memory_bytes":
+                    d = dict(labels)
+                    assert v > 1_000_000, d   # a Python process holds megabytes
+                    out.setdefault(d["role"], set()).add(d["pid"])
+            return out
+        deadline = time.monotonic() + 15
+        while len((got := pids()).get("worker", ())) < 2 or not got.get("archiver"):
+            assert time.monotonic() < deadline, got
+            time.sleep(0.3)
+        cpu = {dict(lab)["pid"]: v for (n, lab), v in samples(eng.scrape()).items()
+               if n == "coupon_process_cpu_seconds"}
+        assert set(cpu) == got["worker"] | got["archiver"] and all(v > 0 for v in cpu.values())
+        victim = sorted(got["worker"])[0]
+        assert re.fullmatch(r"\d+", victim)
+        os.kill(int(victim), signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                now = pids()
+            except OSError:   # the victim may have held the connection
+                now = {}
+            if now.get("worker") and victim not in now["worker"] and len(now["worker"]) == 2:
+                break
+            assert time.monotonic() < deadline, now
+            time.sleep(0.3)

@@ -25,7 +25,7 @@ from ..config import ConfigError, Settings, from_flags
 from ..shards import MAX_SHARDS
 from ..store.connection import open_client
 from ..store.embedded import EmbeddedRedisError, engine_redis, engine_redis_if_any
-from . import archiver, reconcile, restore
+from . import archiver, reconcile, report, restore
 from .db import Ledger
 
 log = logging.getLogger("engine.ledger.cli")
@@ -180,8 +180,22 @@ async def _restore(url: str, ledger: Ledger, req: restore.Request,
         await client.aclose()
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The round report (ledger/report.py): the ledger only, never Redis."""
+    s = _settings(args)
+    try:
+        summary = report.run(s.ledger_path, args.round, Path(args.out))
+    except report.ReportError as exc:
+        return fail(str(exc))
+    zh, en = report.summary_text(summary)
+    print(zh)
+    print(en)
+    print(f"written: {Path(args.out) / 'report.html'} (and its PNG and CSV files)")
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add archive / reconcile / settle / statement to the main parser."""
+    """Add archive / reconcile / settle / statement / report / restore to the main parser."""
     p = subparsers.add_parser("archive", help="move the event stream into the ledger")
     p.add_argument("--follow", action="store_true", help="keep archiving until interrupted")
     add_engine_args(p)
@@ -201,6 +215,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=".", metavar="DIR")
     add_engine_args(p)
     p.set_defaults(func=_ledger_command(_do_statement))
+
+    p = subparsers.add_parser(
+        "report", help="the round report (HTML, PNG, CSV) from the ledger alone")
+    p.add_argument("--round", default=None, metavar="R",
+                   help="the round (default: the latest round that granted coupons)")
+    p.add_argument("--out", default=".", metavar="DIR")
+    p.add_argument("--data-dir", default=None,
+                   help="data directory holding ledger.sqlite3 (default: COUPON_DATA_DIR,"
+                        " else ./var)")
+    p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser(
         "restore", help="rebuild the campaign's Redis state from the ledger after Redis lost it")

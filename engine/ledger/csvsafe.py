@@ -6,8 +6,8 @@ starts programs). Claims files and campaign files are outside text, and the
 reports copy them (a venue's claimed code, a venue's name), so every text cell of
 every CSV the engine writes goes through ``neutralise``: OWASP's CSV-injection rule,
 a leading single quote, which the spreadsheet shows as text and does not evaluate.
-Numbers are passed as ``int`` and written as they are (a negative amount stays a
-number). Quotes and separators inside a cell are the csv module's job.
+Numbers are written as they are, also a signed number formatted as text (``-12.34``),
+which runs nothing. Quotes and separators inside a cell are the csv module's job.
 
 Use ``open_report(path)`` and ``SafeWriter`` for any new report (a hot loop may call
 ``neutralise`` on exactly its outside-text cells instead, as reconciliation.csv does).
@@ -16,18 +16,22 @@ Use ``open_report(path)`` and ``SafeWriter`` for any new report (a hot loop may 
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _FIRST = frozenset(FORMULA_START)
+# A signed number written as text (a report's "-12.34" yuan) runs nothing: kept as is,
+# so the spreadsheet still sees a number.
+_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 
 
 def neutralise(value: Any) -> Any:
     """The cell as it is safe to write: text that a spreadsheet would evaluate gets a
     leading single quote; everything else is unchanged."""
-    if isinstance(value, str) and value[:1] in _FIRST:
+    if isinstance(value, str) and value[:1] in _FIRST and not _NUMBER.fullmatch(value):
         return "'" + value
     return value
 

@@ -94,6 +94,13 @@ class Keys:
         return f"{self.tag}:xfer_in"
 
     @property
+    def sold_out(self) -> str:
+        """Hash, shard 0 only: '<round>:<venue>' -> ms (Redis time) when a state poller
+        first saw the line's stock, summed over shards, at 0 while its round was open.
+        Monitoring only (HSETNX, never changed after); no script reads it."""
+        return f"{self.tag}:soldout"
+
+    @property
     def events(self) -> str:
         """Stream: every state change, read by the ledger archiver."""
         return f"{self.tag}:events"

@@ -11,6 +11,7 @@ order: the store, the model test and the load tools all build calls with them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
@@ -68,6 +69,11 @@ class XferInOutcome(IntEnum):
     BAD_ARGUMENT = 2
 
 
+class MarkSoldOutOutcome(IntEnum):
+    MARKED = 0
+    NOT_LOADED = 1
+
+
 class ClaimActiveOutcome(IntEnum):
     CLAIMED = 0
     HELD = 1
@@ -80,6 +86,7 @@ OUTCOMES: dict[str, type[IntEnum]] = {
     "xfer_out": XferOutOutcome,
     "xfer_in": XferInOutcome,
     "claim_active": ClaimActiveOutcome,
+    "mark_sold_out": MarkSoldOutOutcome,
 }
 
 
@@ -170,6 +177,11 @@ def xfer_in_call(k: ShardKeys, line: str, transfer_id: str, units: int, donor: i
 
 def claim_active_call(active_key: str, campaign_id: str, stale: str) -> Call:
     return [active_key], [campaign_id, stale]
+
+
+def mark_sold_out_call(k: ShardKeys, sold_out_key: str, now_ms: int,
+                       lines: Sequence[str]) -> Call:
+    return [k.campaign, sold_out_key], [now_ms, *lines]
 
 
 def flat(call: Call) -> list[Arg]:

@@ -122,6 +122,7 @@ class Store:
         self._grab = scripts.load("grab")
         self._redeem = scripts.load("redeem")
         self._void = scripts.load("void")
+        self._mark_sold_out = scripts.load("mark_sold_out")
         self.transfers = Transfers(self.wire, client, self.shard_keys,
                                    self.keys.notify_channel, self.time_ms)
 
@@ -248,6 +249,17 @@ class Store:
 
     async def stats(self) -> dict[str, int]:
         return _sum(await self.stats_by_shard())
+
+    async def sold_out_times(self) -> dict[str, int]:
+        """'<round>:<venue>' -> ms when the line was first seen sold out (keys.sold_out)."""
+        raw = await guarded(self.redis.hgetall(self.keys.sold_out))
+        return {str(f): int(v) for f, v in raw.items()}
+
+    async def mark_sold_out(self, lines: list[str], now_ms: int) -> None:
+        """Record the first sighting only: every worker polls, the earliest wins; nothing
+        is written into a Redis that no longer holds the campaign (mark_sold_out.lua)."""
+        await self._run(self._mark_sold_out, scripts.mark_sold_out_call(
+            self._framed[0], self.keys.sold_out, now_ms, lines))
 
     async def ledger_lag(self) -> int:
         """Events on the stream not yet archived into the ledger."""
