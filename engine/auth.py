@@ -77,23 +77,37 @@ def mint_member_token(secret: str, member_id: str, ttl_s: int = 3600,
                       secret, algorithm="HS256")
 
 
-class _Header(msgspec.Struct):
-    alg: str
-    typ: str | None = None
-    crit: list[str] | None = None
+# Clock skew allowed on exp, nbf and iat (COUPON_MEMBER_JWT_LEEWAY): phones and the
+# identity service do not share a clock to the second.
+DEFAULT_LEEWAY_S = 30.0
+
+_json = msgspec.json.Decoder()
 
 
 class _Claims(msgspec.Struct):
-    sub: str
-    exp: int | float
-    nbf: int | float | None = None
-    iat: int | float | None = None
+    """The claims PyJWT looks at, as sent (any JSON type; UNSET when absent): the
+    checks are PyJWT's, on these values (``_check_claims``)."""
+
+    exp: Any = msgspec.UNSET
+    sub: Any = msgspec.UNSET
+    iat: Any = msgspec.UNSET
+    nbf: Any = msgspec.UNSET
+    aud: Any = msgspec.UNSET
+    jti: Any = msgspec.UNSET
 
 
-_header_decoder = msgspec.json.Decoder(_Header)
-_claims_decoder = msgspec.json.Decoder(_Claims)
+_claims_json = msgspec.json.Decoder(_Claims)
 # base64url without padding, the only encoding RFC 7515 allows in a compact JWS.
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+
+
+def _numeric(value: Any, name: str) -> int:
+    """A NumericDate claim as PyJWT reads it: ``int(value)`` (so 1.9 is 1, "12" is 12,
+    true is 1); anything int() refuses is a bad token."""
+    try:
+        return int(value)
+    except (ValueError, TypeError, OverflowError):
+        raise Unauthorized(f"invalid member token: {name} must be an integer") from None
 
 
 def _hmac_sha256_pads(key: bytes) -> tuple[Any, Any]:
@@ -106,28 +120,45 @@ def _hmac_sha256_pads(key: bytes) -> tuple[Any, Any]:
             hashlib.sha256(bytes(b ^ 0x5C for b in key)))
 
 
+# Canonical base64url only, as PyJWT: the low bits of a short last group's last
+# character carry nothing and must be zero. By length % 4: the characters allowed last.
+_B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_CANONICAL_LAST = {2: frozenset(_B64_ALPHABET[::16]), 3: frozenset(_B64_ALPHABET[::4])}
+
+
 def _b64decode(segment: str) -> bytes:
-    if not _B64URL.match(segment) or len(segment) % 4 == 1:
+    rem = len(segment) % 4
+    if not _B64URL.match(segment) or rem == 1:
         raise ValueError("not base64url")
+    if rem and segment[-1] not in _CANONICAL_LAST[rem]:
+        raise ValueError("not canonical base64url")
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 class MemberVerifier:
-    """Verifies member JWTs (HS256 only), caching good ones by token string until ``exp``.
+    """Verifies member JWTs (HS256 only), caching good ones by token string until ``exp``
+    (plus the leeway).
 
     A verifier of its own rather than PyJWT's ``decode``: this runs on every
     grab, and PyJWT's generality (every algorithm, every claim option) cost a
-    tenth of the request. It accepts exactly one thing: a compact JWS whose
-    header says ``alg: HS256`` (no ``crit``), whose HMAC-SHA256 over the first
-    two segments matches, whose ``exp`` is in the future, whose ``nbf`` (if
-    any) is past, and whose ``sub`` is a member id. ``alg: none``, RS/ES/PS
-    tokens and HS256 tokens signed with any other key all fail the same check.
+    tenth of the request. It answers as PyJWT (the version pinned in
+    pyproject.toml) does for ``jwt.decode(token, secret, algorithms=["HS256"],
+    options={"require": ["exp", "sub"]}, leeway=leeway_s)``: a compact JWS whose
+    header says ``alg: HS256`` with a string ``kid`` if any, whose HMAC-SHA256 over
+    the first two segments matches, with ``exp`` and ``sub`` present, ``exp`` after
+    now - leeway, ``nbf`` and ``iat`` (if present) before now + leeway, each read with
+    ``int()``, no ``aud`` (none is configured), a string ``jti`` if any, and a ``sub``
+    that is a member id. ``tests/test_auth.py`` feeds both the same tokens. Stricter
+    by design (docs/decisions.md): padded segments, any ``crit`` header, and JSON
+    beyond RFC 8259 (NaN, Infinity) are refused here.
     """
 
-    def __init__(self, secret: str, id_pattern: re.Pattern[str]) -> None:
+    def __init__(self, secret: str, id_pattern: re.Pattern[str],
+                 leeway_s: float = DEFAULT_LEEWAY_S) -> None:
         self._key = secret.encode()
         self._inner, self._outer = _hmac_sha256_pads(self._key)
         self._ids = id_pattern
+        self.leeway_s = leeway_s
         self._cache: dict[str, tuple[str, float]] = {}
         self._good_headers: set[str] = set()
 
@@ -153,19 +184,39 @@ class MemberVerifier:
         if not hmac.compare_digest(expected, sig):
             raise Unauthorized("invalid member token: signature verification failed")
         try:
-            claims = _claims_decoder.decode(_b64decode(body))
+            claims = _claims_json.decode(_b64decode(body))
         except (ValueError, msgspec.DecodeError) as exc:
             raise Unauthorized(f"invalid member token: bad claims ({exc})") from None
-        if claims.exp <= now:
-            raise Unauthorized("invalid member token: signature has expired")
-        if claims.nbf is not None and claims.nbf > now:
-            raise Unauthorized("invalid member token: not yet valid (nbf)")
-        if not self._ids.match(claims.sub):
-            raise Unauthorized("token subject is not a valid member id")
+        sub, exp = self._check_claims(claims, now)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
-        self._cache[token] = (claims.sub, float(claims.exp))
-        return claims.sub
+        self._cache[token] = (sub, exp + self.leeway_s)
+        return sub
+
+    def _check_claims(self, c: _Claims, now: float) -> tuple[str, int]:
+        """(sub, exp) of acceptable claims, in PyJWT's order of checks."""
+        unset = msgspec.UNSET
+        leeway = self.leeway_s
+        if c.exp is unset or c.exp is None:
+            raise Unauthorized("invalid member token: exp is required")
+        if c.sub is unset or c.sub is None:
+            raise Unauthorized("invalid member token: sub is required")
+        if c.iat is not unset and _numeric(c.iat, "iat") > now + leeway:
+            raise Unauthorized("invalid member token: not yet valid (iat)")
+        if c.nbf is not unset and _numeric(c.nbf, "nbf") > now + leeway:
+            raise Unauthorized("invalid member token: not yet valid (nbf)")
+        exp = _numeric(c.exp, "exp")
+        if exp <= now - leeway:
+            raise Unauthorized("invalid member token: signature has expired")
+        if c.aud is not unset and c.aud:
+            raise Unauthorized("invalid member token: no audience is accepted")
+        if not isinstance(c.sub, str):
+            raise Unauthorized("invalid member token: sub must be a string")
+        if c.jti is not unset and not isinstance(c.jti, str):
+            raise Unauthorized("invalid member token: jti must be a string")
+        if not self._ids.match(c.sub):
+            raise Unauthorized("token subject is not a valid member id")
+        return c.sub, exp
 
     def _mac(self, msg: bytes) -> bytes:
         """HMAC-SHA256 of ``msg`` under the secret: ``hmac.new(key, msg, sha256)``
@@ -180,15 +231,20 @@ class MemberVerifier:
 
     def _check_header(self, head: str) -> None:
         try:
-            h = _header_decoder.decode(_b64decode(head))
+            h = _json.decode(_b64decode(head))
         except (ValueError, msgspec.DecodeError) as exc:
             raise Unauthorized(f"invalid member token: bad header ({exc})") from None
-        if h.alg != "HS256":
-            raise Unauthorized(f"invalid member token: algorithm {h.alg!r} is not allowed")
-        if h.crit is not None:
+        if not isinstance(h, dict):
+            raise Unauthorized("invalid member token: header is not an object")
+        if "kid" in h and not isinstance(h["kid"], str):
+            raise Unauthorized("invalid member token: kid must be a string")
+        if "crit" in h:
             raise Unauthorized("invalid member token: critical header extensions unsupported")
-        if h.typ is not None and h.typ.upper() != "JWT":
-            raise Unauthorized("invalid member token: typ is not JWT")
+        if h.get("b64", True) is False:
+            raise Unauthorized("invalid member token: unencoded payloads unsupported")
+        if h.get("alg") != "HS256":
+            raise Unauthorized(f"invalid member token: algorithm {h.get('alg')!r} is not "
+                               "allowed")
         if len(self._good_headers) < 64:
             self._good_headers.add(head)
 

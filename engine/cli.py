@@ -19,7 +19,7 @@ from . import campaign as cmp
 from .auth import mint_member_token, resolve_secrets
 from .campaign import ID_RE
 from .cliargs import Parser, add_engine_args, fail
-from .config import ConfigError, Settings, from_flags
+from .config import Settings, SettingsError, from_flags
 from .http import alert_relay
 from .ledger import cli as ledger_cli
 from .ledger.guard import LostState, load_checked
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"token {args.kind} needs an id")
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except SettingsError as exc:
         return fail(str(exc))
 
 

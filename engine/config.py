@@ -4,7 +4,7 @@ Command-line flags override the environment; nothing here runs at import time.
 Every setting is one row of ``OPTIONS``: its variable, its field, how its text is
 read and what a valid value is. ``from_env`` and ``from_flags`` read every row
 the same way, so ``COUPON_PORT=abc`` and ``--port abc`` get the same one-line
-refusal (``ConfigError``, naming the variable or the flag).
+refusal (``SettingsError``, naming the variable or the flag).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 
-class ConfigError(ValueError):
-    """A setting the engine refuses; the message names the variable or the flag."""
+class SettingsError(ValueError):
+    """A setting the engine refuses; the message is one line naming the variable or
+    the flag."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,21 @@ class Settings:
     # Unknown or malformed codes a venue may send per minute before 429.
     venue_bad_code_limit: int = 30
     idempotency_ttl_s: int = 86_400
+    # Connections of redis-py's pool per worker (everything but the hot path); a
+    # request that finds them all busy waits for one, up to ``redis_timeout``.
+    redis_pool_size: int = 256
+    # Seconds a client has to deliver a request's complete headers (from connecting,
+    # or from the first byte of its next request on a kept-alive connection), and
+    # again to deliver its body; slower clients are closed (headers) or answered 400.
+    client_timeout_s: float = 10.0
+    # Seconds an idle kept-alive connection stays open between requests.
+    keepalive_timeout_s: float = 75.0
+    # Open client connections per worker; the newest beyond it is closed at once.
+    max_connections: int = 10_000
+    # Clock skew allowed on a member token's exp, nbf and iat, in seconds.
+    member_jwt_leeway_s: float = 30.0
+    # When set, GET /metrics answers only to ``Authorization: Bearer <token>``.
+    metrics_token: str | None = None
     archiver: bool = True
     log_level: str = "INFO"
     # Seconds a long command (reconcile, settle, archive, restore) runs before it shows
@@ -144,6 +160,12 @@ def _redis_url(text: str) -> str:
     return text
 
 
+def _token(text: str) -> str:
+    if not text.isascii() or not text.isprintable() or " " in text:
+        raise ValueError("must be printable ASCII without spaces")
+    return text
+
+
 def _log_level(text: str) -> str:
     v = text.strip().upper()
     if v not in LOG_LEVELS:
@@ -206,6 +228,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("COUPON_ALLOW_WEAK_SECRETS", "allow_weak_secrets", _bool,
            flag="allow_weak_secrets", switch=True),
     Option("COUPON_REDIS_TIMEOUT", "redis_timeout", _float, _positive),
+    Option("COUPON_REDIS_POOL_SIZE", "redis_pool_size", _int, _between(1, 10_000)),
+    Option("COUPON_CLIENT_TIMEOUT", "client_timeout_s", _float, _between(0.1, 600)),
+    Option("COUPON_KEEPALIVE_TIMEOUT", "keepalive_timeout_s", _float, _between(0.1, 3600)),
+    Option("COUPON_MAX_CONNECTIONS", "max_connections", _int, _between(1, 1_000_000)),
+    Option("COUPON_MEMBER_JWT_LEEWAY", "member_jwt_leeway_s", _float, _between(0, 300)),
+    Option("COUPON_METRICS_TOKEN", "metrics_token", _token, secret=True),
     Option("COUPON_MEMBER_RATE", "member_rate", _float, _positive),
     Option("COUPON_MEMBER_BURST", "member_burst", _int, _at_least(1)),
     Option("COUPON_VENUE_BAD_CODE_LIMIT", "venue_bad_code_limit", _int, _at_least(1)),
@@ -223,10 +251,10 @@ def _read(opt: Option, text: str, where: str) -> Any:
     try:
         value = opt.parse(text)
     except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise SettingsError(f"{where}: {exc}") from None
     problem = opt.check(value) if opt.check else None
     if problem:
-        raise ConfigError(f"{where}: {problem}")
+        raise SettingsError(f"{where}: {problem}")
     return value
 
 
@@ -236,12 +264,12 @@ def _check_secrets(s: Settings, origin: Mapping[str, str]) -> None:
         return
     member, admin = s.member_jwt_secret, s.admin_token
     if member is not None and len(member.encode("utf-8")) < MIN_MEMBER_SECRET_BYTES:
-        raise ConfigError(
+        raise SettingsError(
             f"{origin['member_jwt_secret']}: an HS256 secret needs at least"
             f" {MIN_MEMBER_SECRET_BYTES} bytes, got {len(member.encode('utf-8'))}"
             " (COUPON_ALLOW_WEAK_SECRETS=1 accepts it, for development only)")
     if admin is not None and len(admin) < MIN_ADMIN_TOKEN_CHARS:
-        raise ConfigError(
+        raise SettingsError(
             f"{origin['admin_token']}: the operator token needs at least"
             f" {MIN_ADMIN_TOKEN_CHARS} characters, got {len(admin)}"
             " (COUPON_ALLOW_WEAK_SECRETS=1 accepts it, for development only)")
@@ -272,7 +300,7 @@ def _build(env: Mapping[str, str], flags: Mapping[str, Any]) -> Settings:
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from ``COUPON_*`` environment variables; ConfigError names the
+    """Build Settings from ``COUPON_*`` environment variables; SettingsError names the
     first variable the engine refuses."""
     return _build(os.environ if env is None else env, {})
 

@@ -8,6 +8,12 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+# An Idempotency-Key: 1-64 printable ASCII characters (contract), space included. HTTP
+# strips a header value's leading and trailing spaces, so a key arrives without them:
+# it begins and ends with a visible character. Control characters (tab too) are not
+# printable. Match with ``fullmatch`` ("$" alone would pass a final newline).
+IDEM_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]{0,62}[\x21-\x7e])?$"
+
 Ident = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 CodeText = Annotated[str, Meta(min_length=1, max_length=64)]
 

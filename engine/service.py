@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from . import codes, errors
-from .auth import MemberVerifier, Secrets, bearer, check_admin, mint_member_token, resolve_secrets
+from .auth import (
+    DEFAULT_LEEWAY_S,
+    MemberVerifier,
+    Secrets,
+    bearer,
+    check_admin,
+    mint_member_token,
+    resolve_secrets,
+)
 from .campaign import ID_RE, Campaign
 from .config import Settings
 from .domain import CouponState, coupon_view, line_key, rfc3339, round_state
@@ -101,11 +109,13 @@ class WorkerState:
 class Engine:
     def __init__(self, store: Store, secrets: Secrets, *, member_rate: float,
                  member_burst: int, venue_bad_code_limit: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 member_jwt_leeway_s: float = DEFAULT_LEEWAY_S) -> None:
         self.store = store
         self.state = WorkerState(store.campaign, fingerprint=store.campaign.fingerprint())
         self.secrets = secrets
-        self.members = MemberVerifier(secrets.member_jwt_secret, ID_RE)
+        self.members = MemberVerifier(secrets.member_jwt_secret, ID_RE,
+                                      leeway_s=member_jwt_leeway_s)
         self.member_limit = TokenBucket(member_rate, member_burst)
         self.venue_failures = FailureWindow(venue_bad_code_limit)
         self.metrics = metrics or Metrics.disabled()
@@ -539,7 +549,8 @@ async def open_engine(settings: Settings, redis_url: str, metrics: Metrics,
     engine = Engine(Store(client, campaign, settings, shards=shards),
                     secrets or resolve_secrets(settings),
                     member_rate=settings.member_rate, member_burst=settings.member_burst,
-                    venue_bad_code_limit=settings.venue_bad_code_limit, metrics=metrics)
+                    venue_bad_code_limit=settings.venue_bad_code_limit, metrics=metrics,
+                    member_jwt_leeway_s=settings.member_jwt_leeway_s)
     metrics.prime(campaign)
     await engine.refresh()
     # Connect the hot path now (scripts loaded, SHAs checked), not on the first grab.

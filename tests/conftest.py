@@ -81,7 +81,8 @@ def campaign_toml(*, cid: str = "test-c", quota: int = 3, budget: int = 10**9,
                 f"closes_at = {iso(r['closes'])}",
                 f"member_round_quota = {r.get('quota', 1)}",
                 f"valid_from = {iso(vf)}", f"valid_until = {iso(vu)}", "[rounds.stock]"]
-        out += [f"{v} = {n}" for v, n in r["stock"].items()]
+        # A venue id with dots is quoted: TOML reads a bare dotted key as nested keys.
+        out += [(f'"{v}"' if "." in v else v) + f" = {n}" for v, n in r["stock"].items()]
         out.append("")
     return "\n".join(out)
 

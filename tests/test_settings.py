@@ -85,6 +85,9 @@ def test_an_environment_value_that_is_not_a_number_is_one_line(tmp_path: Path) -
     ("COUPON_REDIS_URL", "127.0.0.1:6379", "the scheme must be one of"),
     ("COUPON_HOST", "   ", "empty"),
     ("COUPON_DATA_DIR", "  ", "empty"),
+    ("COUPON_REDIS_POOL_SIZE", "0", "must be 1..10000"),
+    ("COUPON_CLIENT_TIMEOUT", "soon", "not a number"),
+    ("COUPON_MAX_CONNECTIONS", "1000001", "must be 1..1000000"),
 ])
 def test_every_setting_is_checked(var: str, value: str, why: str, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch,
@@ -110,7 +113,10 @@ def test_every_variable_of_the_table_is_read() -> None:
            "COUPON_REDIS_TIMEOUT": "0.25", "COUPON_MEMBER_RATE": "2.5",
            "COUPON_MEMBER_BURST": "4", "COUPON_VENUE_BAD_CODE_LIMIT": "7",
            "COUPON_ARCHIVER": "false", "COUPON_LOG_LEVEL": "warning",
-           "COUPON_PROGRESS_AFTER": "0"}
+           "COUPON_PROGRESS_AFTER": "0", "COUPON_REDIS_POOL_SIZE": "64",
+           "COUPON_CLIENT_TIMEOUT": "5", "COUPON_KEEPALIVE_TIMEOUT": "30",
+           "COUPON_MAX_CONNECTIONS": "500", "COUPON_MEMBER_JWT_LEEWAY": "0",
+           "COUPON_METRICS_TOKEN": "m3trics"}
     assert set(env) == {o.env for o in OPTIONS}
     s = from_env(env)
     assert s == Settings(
@@ -118,7 +124,9 @@ def test_every_variable_of_the_table_is_read() -> None:
         stock_shards=3, host="0.0.0.0", port=9090, workers=4, campaign_file=Path("c.toml"),
         allow_unsafe_redis=True, member_jwt_secret=STRONG, admin_token=TOKEN,
         redis_timeout=0.25, member_rate=2.5, member_burst=4, venue_bad_code_limit=7,
-        archiver=False, log_level="WARNING", progress_after_s=0.0)
+        archiver=False, log_level="WARNING", progress_after_s=0.0, redis_pool_size=64,
+        client_timeout_s=5.0, keepalive_timeout_s=30.0, max_connections=500,
+        member_jwt_leeway_s=0.0, metrics_token="m3trics")
     assert from_env({}) == Settings()
 
 

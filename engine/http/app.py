@@ -16,7 +16,16 @@ from ..config import Settings
 from ..metrics import Metrics
 from ..service import open_engine
 from . import openapi, public
-from .handlers import ENGINE, OPENAPI, add_routes, error_response
+from .handlers import (
+    BODY_TIMEOUT,
+    ENGINE,
+    METRICS_PAGE,
+    METRICS_TOKEN,
+    OPENAPI,
+    MetricsPage,
+    add_routes,
+    error_response,
+)
 
 log = logging.getLogger("engine.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,7 +47,12 @@ def engine_middleware(metrics: Metrics) -> Middleware:
             return resp
         except errors.EngineError as exc:
             status = exc.status
-            return error_response(exc)
+            resp = error_response(exc)
+            if not request.content.is_eof():
+                # Answered before its body arrived (too large, too slow): what is left
+                # of the body would be read as the next request. Close after answering.
+                resp.force_close()
+            return resp
         except web.HTTPException as exc:
             if exc.status == 404:
                 err: errors.EngineError = errors.NotFound(f"no route {request.path}")
@@ -75,6 +89,9 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     # Read once here: whether the secrets are the development ones decides the routes.
     secrets = resolve_secrets(settings)
     app[OPENAPI] = openapi.document(demo_sign_in=secrets.development)
+    app[BODY_TIMEOUT] = settings.client_timeout_s
+    app[METRICS_PAGE] = MetricsPage(metrics)
+    app[METRICS_TOKEN] = settings.metrics_token or ""
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         engine = await open_engine(settings, redis_url, metrics, secrets)

@@ -16,6 +16,7 @@ import msgspec
 from .. import errors as E
 from .. import schemas
 from ..errors import EngineError
+from ..schemas import IDEM_PATTERN
 from ..service import GRAB_REFUSALS, REDEEM_REFUSALS, VOID_REFUSALS
 
 JSON = "application/json"
@@ -174,11 +175,12 @@ def document(*, demo_sign_in: bool = False) -> bytes:
                                           "campaign_id": {"type": "string"}}}
 
     idem = {"name": "Idempotency-Key", "in": "header", "required": False,
-            "description": "1-64 printable ASCII characters; a replay of the same key and "
+            "description": "1-64 printable ASCII characters, inner spaces included (HTTP "
+                           "strips leading and trailing ones); a replay of the same key and "
                            "body returns the first result again (status included); the same "
                            "key with another body answers 422 idempotency_key_reused",
             "schema": {"type": "string", "minLength": 1, "maxLength": 64,
-                       "pattern": "^[\\x21-\\x7e]+$"}}
+                       "pattern": IDEM_PATTERN}}
     since = {"name": "since", "in": "query", "required": False,
              "description": "RFC 3339 time with an offset; redemptions at or after it, "
                             "oldest first, at most 1,000 (default: from the start)",
@@ -255,8 +257,11 @@ def document(*, demo_sign_in: bool = False) -> bytes:
                                _ok(200, "Ready"), _errors(E.NotReady), security=None)},
         "/metrics": {"get": _op("metrics", "Prometheus metrics of all workers",
                                 {"200": {"description": "Prometheus text format", "content": {
-                                    "text/plain": {"schema": {"type": "string"}}}}}, {},
-                                security=None)},
+                                    "text/plain": {"schema": {"type": "string"}}}}},
+                                _errors(E.Unauthorized), security=None,
+                                description="Rendered at most once a second. With "
+                                            "COUPON_METRICS_TOKEN set, answered only to "
+                                            "Authorization: Bearer <that token> (else 401).")},
         "/openapi.json": {"get": _op("openapi", "This document", {"200": {
             "description": "OpenAPI 3", "content": {JSON: {"schema": {"type": "object"}}}}}, {},
             security=None)},

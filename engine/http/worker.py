@@ -1,7 +1,8 @@
 """One serving process of ``coupon-engine serve``: the aiohttp app on uvloop.
 
 Workers share the port through SO_REUSEPORT; SIGTERM or SIGINT drains (stop
-accepting, finish what is in flight, then close).
+accepting, finish what is in flight, then close). Client connections are bounded
+(``guard.py``: header deadline, keep-alive timeout, a cap per worker).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aiohttp import web
 from ..config import Settings
 from ..logs import setup_logging
 from .app import create_app
+from .guard import ConnectionGuard, GuardedSite, raise_fd_limit
 
 log = logging.getLogger("engine.http.worker")
 
@@ -23,7 +25,13 @@ async def run_worker(settings: Settings, url: str, index: int) -> None:
     app = create_app(settings, url)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=4096)
+    before, after = raise_fd_limit(settings.max_connections)
+    if after != before:
+        log.info("worker %d: open-files limit raised from %d to %d", index, before, after)
+    guard = ConnectionGuard(client_timeout_s=settings.client_timeout_s,
+                            keepalive_timeout_s=settings.keepalive_timeout_s,
+                            max_connections=settings.max_connections)
+    site = GuardedSite(runner, settings.host, settings.port, guard, backlog=4096)
     await site.start()
     log.info("worker %d listening on http://%s:%d", index, settings.host, settings.port)
     stop = asyncio.Event()

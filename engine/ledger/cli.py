@@ -21,7 +21,7 @@ from typing import Any
 from redis import exceptions as rex
 
 from ..cliargs import Parser, Progress, add_engine_args, fail
-from ..config import ConfigError, Settings, from_flags
+from ..config import Settings, SettingsError, from_flags
 from ..shards import MAX_SHARDS
 from ..store.connection import open_client
 from ..store.embedded import EmbeddedRedisError, engine_redis, engine_redis_if_any
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except SettingsError as exc:
         return fail(str(exc))
 
 

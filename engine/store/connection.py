@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ..config import Settings
 from ..errors import Unavailable
@@ -49,10 +52,25 @@ def wants_cluster(url: str, flag: bool = False) -> bool:
     return flag or is_cluster_url(url)
 
 
+def _dead_connection_retry() -> Retry:
+    """Run a command once more, at once, when its connection turns out dead (a Redis
+    restart leaves every pooled connection so), and never on a timeout: a slow Redis
+    answers 503 after ``COUPON_REDIS_TIMEOUT``, not after redis-py's default of ten
+    retries with backoff."""
+    return Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,))
+
+
 def open_client(url: str, *, cluster: bool = False, timeout: float | None = None,
                 connect_timeout: float | None = None,
-                max_connections: int | None = None) -> AnyClient:
-    """A decode_responses client for ``url``; a ``RedisCluster`` when asked for one."""
+                max_connections: int | None = None,
+                pool_wait: float | None = None) -> AnyClient:
+    """A decode_responses client for ``url``; a ``RedisCluster`` when asked for one.
+
+    With ``max_connections`` a plain client's pool holds at most that many and a
+    command that finds them all busy waits for one up to ``pool_wait`` seconds
+    (default ``timeout``), then fails as a connection error (503): a burst of reads
+    queues instead of failing the moment the pool is full.
+    """
     kw: dict[str, Any] = {"decode_responses": True}
     if timeout is not None:
         kw["socket_timeout"] = timeout
@@ -62,11 +80,15 @@ def open_client(url: str, *, cluster: bool = False, timeout: float | None = None
         if max_connections is not None:
             kw["max_connections"] = max_connections
         return RedisCluster.from_url(plain_url(url), **kw)
-    if max_connections is not None:
-        kw["max_connections"] = max_connections
+    kw["retry"] = _dead_connection_retry()
     if timeout is not None:
-        kw.update(retry_on_timeout=False, health_check_interval=0)
-    return aioredis.Redis.from_url(url, **kw)
+        kw.update(health_check_interval=0)
+    if max_connections is None:
+        return aioredis.Redis.from_url(url, **kw)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections,
+        timeout=pool_wait if pool_wait is not None else timeout, **kw)
+    return aioredis.Redis.from_pool(pool)
 
 
 def is_cluster(client: Any) -> bool:
@@ -167,16 +189,29 @@ def wire_for(client: AnyClient, settings: Settings) -> Wire | ClusterWire:
     ``RedisCluster``, a ClusterWire seeded with the nodes the client knows."""
     if is_cluster(client):
         return cluster_wire_for(client, settings)
-    kw = client.connection_pool.connection_kwargs
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
     common = {"db": int(kw.get("db") or 0), "username": kw.get("username"),
               "password": kw.get("password")}
     if kw.get("path"):
         addr = Address(path=kw["path"], **common)
     else:
+        ctx = tls_context(pool.connection_class, kw)
         addr = Address(host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)),
-                       tls=client.connection_pool.connection_class.__name__ == "SSLConnection",
-                       **common)
+                       tls=ctx is not None, ssl_context=ctx, **common)
     return Wire(addr, scripts.all_scripts(), timeout=settings.redis_timeout)
+
+
+def tls_context(connection_class: type, kwargs: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context redis-py builds for these connection settings, None for a plain
+    connection: ``rediss://`` with ``ssl_cert_reqs``, ``ssl_ca_certs``,
+    ``ssl_certfile``/``ssl_keyfile``, ``ssl_check_hostname``, ... verifies on the hot
+    path's wire exactly as on every redis-py connection (one context, built by
+    redis-py from the same arguments, never a second reading of them)."""
+    if not issubclass(connection_class, aioredis.SSLConnection):
+        return None
+    context: ssl.SSLContext = connection_class(**kwargs).ssl_context.get()
+    return context
 
 
 def cluster_wire_for(client: Any, settings: Settings) -> ClusterWire:
@@ -185,9 +220,10 @@ def cluster_wire_for(client: Any, settings: Settings) -> ClusterWire:
     seeds = []
     for n in nodes:
         kw = n.connection_kwargs
+        ctx = tls_context(n.connection_class, kw)
         seeds.append(Address(host=n.host, port=int(n.port), username=kw.get("username"),
-                             password=kw.get("password"),
-                             tls=n.connection_class.__name__ == "SSLConnection"))
+                             password=kw.get("password"), tls=ctx is not None,
+                             ssl_context=ctx))
     return ClusterWire(seeds, scripts.all_scripts(), timeout=settings.redis_timeout)
 
 
@@ -197,7 +233,7 @@ def client_for(settings: Settings, url: str, *,
     or with ``settings.redis_cluster``, else a plain one."""
     t = settings.redis_timeout if timeout is None else timeout
     return open_client(url, cluster=settings.redis_cluster, timeout=t, connect_timeout=t,
-                       max_connections=256)
+                       max_connections=settings.redis_pool_size)
 
 
 async def connect_with_retry(client: AnyClient, attempts: int,

@@ -298,10 +298,10 @@ class Store:
 
     async def venue_for_key(self, token: str) -> str | None:
         """The venue a key acts for, or None; the digest is compared in constant time."""
-        parts = token.split(".")
-        if len(parts) != 4 or parts[0] != "vk":
+        parsed = parse_venue_key(token)
+        if parsed is None:
             return None
-        _, venue_id, key_id, _secret = parts
+        venue_id, key_id = parsed
         if self.campaign.venue(venue_id) is None:
             return None
         stored = await guarded(self.redis.hget(self.keys.venue_keys(venue_id), key_id))
@@ -335,6 +335,22 @@ def _sum(parts: list[dict[str, int]]) -> dict[str, int]:
         for f, v in part.items():
             total[f] = total.get(f, 0) + v
     return total
+
+
+def parse_venue_key(token: str) -> tuple[str, str] | None:
+    """(venue id, key id) of ``vk.<venue id>.<key id>.<secret>``, else None.
+
+    Read from the right: the key id (hex) and the secret (base64url) never hold a
+    dot, while a venue id may (``A-Za-z0-9_.-``), so ``vk.ski.v1.<id>.<secret>`` is
+    venue ``ski.v1``. Keys of dot-free venues read exactly as they always did.
+    """
+    if not token.startswith("vk."):
+        return None
+    parts = token[3:].rsplit(".", 2)
+    if len(parts) != 3 or not all(parts):
+        return None
+    venue_id, key_id, _secret = parts
+    return venue_id, key_id
 
 
 def _sha(token: str) -> str:

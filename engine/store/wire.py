@@ -76,6 +76,9 @@ class Address:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    # The TLS settings (CA, verification, client certificate) as redis-py applies them
+    # for the same URL (``connection.tls_context``); None: the system's defaults.
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_url(cls, url: str) -> Address:
@@ -285,7 +288,7 @@ class Wire:
         if a.path:
             _, proto = await loop.create_unix_connection(lambda: _Protocol(self), a.path)
         else:
-            ctx = ssl.create_default_context() if a.tls else None
+            ctx = (a.ssl_context or ssl.create_default_context()) if a.tls else None
             _, proto = await loop.create_connection(lambda: _Protocol(self), a.host, a.port,
                                                     ssl=ctx)
         try:
