@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from datetime import datetime, timedelta
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -91,6 +92,44 @@ def _ms(dt: datetime) -> int:
     return int(dt.timestamp() * 1000)
 
 
+# RFC 3339 (section 5.6): a full date, 'T' (or a space), a full time, an offset.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"(?P<offset>[Zz]|[+-][0-9]{2}:[0-9]{2})?")
+_EXAMPLE = "2024-12-20T10:00:00+08:00"
+
+
+def _date_time(value: Any, key: str, where: str) -> datetime:
+    """A time of the file: a TOML offset date-time (``opens_at = 2024-12-20T10:00:00+08:00``)
+    or an RFC 3339 string (``opens_at = "2024-12-20T10:00:00+08:00"``, as the contract's
+    example writes it). Either must carry its UTC offset: a local time is refused, since
+    the file's reader cannot know which zone its writer meant."""
+    if isinstance(value, str):
+        m = _RFC3339.fullmatch(value.strip())
+        if m is None:
+            raise CampaignError(f"{where}: '{key}' = {value!r} is not an RFC 3339 date-time"
+                                f" (write it as {_EXAMPLE!r})")
+        if m.group("offset") is None:
+            raise CampaignError(f"{where}: '{key}' = {value!r} has no UTC offset"
+                                f" (write it as {value.strip()!r} followed by +08:00,"
+                                f" e.g. {_EXAMPLE!r})")
+        try:
+            return datetime.fromisoformat(value.strip().replace("z", "Z"))
+        except ValueError:
+            raise CampaignError(f"{where}: '{key}' = {value!r} is not a valid date-time")\
+                from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise CampaignError(f"{where}: '{key}' = {value.isoformat()} has no UTC offset"
+                                f" (write it with its offset, e.g. {_EXAMPLE})")
+        return value
+    if isinstance(value, date | time):
+        raise CampaignError(f"{where}: '{key}' = {value.isoformat()} needs a date, a time"
+                            f" and a UTC offset, e.g. {_EXAMPLE}")
+    raise CampaignError(f"{where}: '{key}' must be a date-time with a UTC offset, e.g."
+                        f" {_EXAMPLE}, got {value!r}")
+
+
 def _need(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in table:
         raise CampaignError(f"{where}: missing '{key}'")
@@ -101,10 +140,7 @@ def _need(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if kind is str and not isinstance(value, str):
         raise CampaignError(f"{where}: '{key}' must be a string, got {value!r}")
     if kind is datetime:
-        if not isinstance(value, datetime):
-            raise CampaignError(f"{where}: '{key}' must be a date-time with an offset")
-        if value.tzinfo is None:
-            raise CampaignError(f"{where}: '{key}' = {value} has no UTC offset")
+        return _date_time(value, key, where)
     return value
 
 
@@ -120,8 +156,30 @@ def _check_known_keys(table: dict[str, Any], allowed: set[str], where: str) -> N
         raise CampaignError(f"{where}: unknown field(s) {', '.join(unknown)}")
 
 
+def read_campaign(path: Path) -> Campaign:
+    """Read, parse and validate a campaign file, as Notepad, WPS or an editor saved it:
+    UTF-8 with or without a byte-order mark. Anything else is refused with what it
+    looks like, so the operator knows which "Save as" to choose."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CampaignError(f"cannot read {path}: {exc.strerror}") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
+        raise CampaignError(f"{path}: the file is UTF-16 text (Notepad's \"Unicode\");"
+                            " save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise CampaignError(f"{path}: line {line} is not UTF-8 text (a GBK/ANSI file?);"
+                            " save it as UTF-8") from None
+    return parse_campaign(text)
+
+
 def parse_campaign(text: str) -> Campaign:
     """Parse and validate a campaign file's text."""
+    # Windows Notepad starts a UTF-8 file with a byte-order mark, which TOML refuses.
+    text = text.removeprefix("\ufeff")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -198,8 +256,11 @@ def parse_campaign(text: str) -> Campaign:
             raise CampaignError(f"{where}: closes_at {closes} is not after opens_at {opens}")
         if vuntil <= vfrom:
             raise CampaignError(f"{where}: valid_until {vuntil} is not after valid_from {vfrom}")
-        if vuntil <= opens:
-            raise CampaignError(f"{where}: valid_until {vuntil} ends before the round opens")
+        # A coupon granted just before the close must still be usable: one that expires
+        # while its round still sells would take a member's yuan for nothing.
+        if vuntil <= closes:
+            raise CampaignError(f"{where}: valid_until {vuntil} is not after closes_at"
+                                f" {closes}: its coupons would expire while the round sells them")
         rq = _need(r, "member_round_quota", int, where)
         if rq < 1:
             raise CampaignError(f"{where}: member_round_quota must be at least 1, got {rq}")

@@ -10,8 +10,9 @@ import asyncio
 import getpass
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,22 +20,16 @@ from . import campaign as cmp
 from . import errors
 from .auth import mint_member_token, resolve_secrets
 from .campaign import ID_RE
-from .cliargs import add_engine_args, fail
+from .cliargs import Parser, add_engine_args, fail
 from .config import Settings, SettingsError, from_flags
 from .http import alert_relay
 from .ledger import cli as ledger_cli
+from .ledger.guard import LostState, load_checked
 from .logs import setup_logging
 from .schemas import encoder
 from .server import serve
 from .service import Controls
-from .store import (
-    Store,
-    active_campaign,
-    client_for,
-    connect_with_retry,
-    load_campaign,
-    shard_count,
-)
+from .store import Store, active_campaign, client_for, connect_with_retry, shard_count
 from .store.embedded import EmbeddedRedisError, engine_redis
 
 
@@ -62,17 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings_from(args))
 
 
-def _read_campaign(path: Path) -> cmp.Campaign:
-    try:
-        text = path.read_text("utf-8")
-    except OSError as exc:
-        raise cmp.CampaignError(f"cannot read {path}: {exc.strerror}") from None
-    return cmp.parse_campaign(text)
-
-
 def cmd_campaign_check(args: argparse.Namespace) -> int:
     try:
-        c = _read_campaign(args.file)
+        c = cmp.read_campaign(args.file)
     except cmp.CampaignError as exc:
         return fail(str(exc))
     print(f"campaign {c.id}: {len(c.venues)} venues, {len(c.rounds)} rounds, "
@@ -81,15 +68,16 @@ def cmd_campaign_check(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign_load(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
     try:
-        c = _read_campaign(args.file)
+        c = cmp.read_campaign(args.file)
     except cmp.CampaignError as exc:
         return fail(str(exc))
 
     async def load(client: Any) -> int:
         try:
-            plan = await load_campaign(client, c, settings.stock_shards)
-        except cmp.CampaignError as exc:
+            plan = await load_checked(client, settings, c)
+        except (cmp.CampaignError, LostState) as exc:
             return fail(str(exc))
         if plan.noop:
             print(f"campaign {c.id}: unchanged")
@@ -98,7 +86,6 @@ def cmd_campaign_load(args: argparse.Namespace) -> int:
                   f"{len(plan.changed_rounds)} changed)")
         return 0
 
-    settings = settings_from(args)
     return with_redis(settings, load)
 
 
@@ -219,7 +206,7 @@ def cmd_alert_relay(args: argparse.Namespace) -> int:
 
 
 def _shards_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stock-shards", type=int, metavar="S",
+    p.add_argument("--stock-shards", metavar="S",
                    help="split the campaign's stock over S shards (slots) at its first load;"
                         " fixed afterwards (else COUPON_STOCK_SHARDS, 1)")
 
@@ -234,27 +221,25 @@ def _positive_int(text: str) -> int:
     return n
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments are one line on stderr and exit 2 (contract section 4), not a
-    usage block; ``--help`` still prints the usage."""
-
-    def error(self, message: str) -> NoReturn:
-        where = self.prog.removeprefix("coupon-engine").strip()
-        self.exit(2, f"coupon-engine: {where + ': ' if where else ''}{message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="coupon-engine")
+    parser = Parser(prog="coupon-engine")
+    parser.add_argument("--version", action="version",
+                        version=f"coupon-engine {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the HTTP engine")
     add_engine_args(p)
     p.add_argument("--campaign", type=Path, help="campaign file to load (default: the sample)")
+    # Flags are read as text: engine/config.py parses and checks them, as it does
+    # the environment, so both get the same one-line refusal.
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--port", metavar="P", help="1..65535 (else COUPON_PORT, 8080)")
+    p.add_argument("--workers", metavar="N", help="worker processes (else COUPON_WORKERS, 1)")
     p.add_argument("--allow-unsafe-redis", action="store_true",
                    help="run on a Redis whose settings could lose acknowledged writes")
+    p.add_argument("--allow-weak-secrets", action="store_true",
+                   help="development only: accept a member secret under 32 bytes or an"
+                        " admin token under 16 characters (else COUPON_ALLOW_WEAK_SECRETS)")
     _shards_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -332,6 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SettingsError as exc:
         return fail(str(exc))
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("coupon-engine")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 if __name__ == "__main__":

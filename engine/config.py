@@ -1,16 +1,37 @@
 """Settings: one typed object, read from the environment in one place.
 
 Command-line flags override the environment; nothing here runs at import time.
+Every setting is one row of ``OPTIONS``: its variable, its field, how its text is
+read and what a valid value is. ``from_env`` and ``from_flags`` read every row
+the same way, so ``COUPON_PORT=abc`` and ``--port abc`` get the same one-line
+refusal (``SettingsError``, naming the variable or the flag).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from .shards import MAX_SHARDS
+
+# The shortest secrets accepted outside development (COUPON_ALLOW_WEAK_SECRETS):
+# RFC 7518 asks for an HS256 key of at least the hash's 32 bytes; an operator token
+# of 16 characters from a generator is beyond guessing at any request rate.
+MIN_MEMBER_SECRET_BYTES = 32
+MIN_ADMIN_TOKEN_CHARS = 16
+MAX_WORKERS = 256
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+class SettingsError(ValueError):
+    """A setting the engine refuses; the message is one line naming the variable or
+    the flag."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +56,8 @@ class Settings:
     # Named operator tokens, (name, token): the name is who the audit records
     # (COUPON_ADMIN_TOKENS="alice:tok1,bob:tok2"); COUPON_ADMIN_TOKEN is named "admin".
     admin_tokens: tuple[tuple[str, str], ...] = ()
+    # Development only: accept configured secrets shorter than the minimums above.
+    allow_weak_secrets: bool = False
     # Seconds a Redis call may take before the request is answered 503.
     redis_timeout: float = 1.0
     redis_connect_retries: int = 20
@@ -61,6 +84,9 @@ class Settings:
     metrics_token: str | None = None
     archiver: bool = True
     log_level: str = "INFO"
+    # Seconds a long command (reconcile, settle, archive, restore) runs before it shows
+    # its progress on stderr, when stderr is a terminal.
+    progress_after_s: float = 1.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -91,8 +117,56 @@ class Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-class SettingsError(ValueError):
-    """A setting that cannot be used; the message is one line naming the variable."""
+# -- how a setting's text is read (raise ValueError with the reason) ---------------
+
+_INT_RE = re.compile(r"[+-]?[0-9]{1,18}")
+_FLOAT_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _int(text: str) -> int:
+    # int() would also take '1_000', ' 12 ' and non-ASCII digits.
+    if not _INT_RE.fullmatch(text.strip()):
+        raise ValueError("not an integer")
+    return int(text.strip())
+
+
+def _float(text: str) -> float:
+    if not _FLOAT_RE.fullmatch(text.strip()):
+        raise ValueError("not a number")
+    return float(text.strip())
+
+
+def _bool(text: str) -> bool:
+    v = text.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError("not one of 1/0, true/false, yes/no, on/off")
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("empty")
+    return text
+
+
+def _path(text: str) -> Path:
+    return Path(_text(text))
+
+
+def _redis_url(text: str) -> str:
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError(f"the scheme must be one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+    return text
+
+
+def _token(text: str) -> str:
+    if not text.isascii() or not text.isprintable() or " " in text:
+        raise ValueError("must be printable ASCII without spaces")
+    return text
 
 
 # An operator's name: what the audit log records as "who".
@@ -100,128 +174,167 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 DEFAULT_ADMIN_NAME = "admin"
 
 
-def parse_admin_tokens(value: str, var: str = "COUPON_ADMIN_TOKENS"
-                       ) -> tuple[tuple[str, str], ...]:
+def _admin_tokens(text: str) -> tuple[tuple[str, str], ...]:
     """'name:token,name:token' -> ((name, token), ...): names 1-64 of A-Za-z0-9_.@-,
-    tokens of printable ASCII without ',' or spaces, at least 16 characters; no name or
-    token twice."""
+    tokens of printable ASCII without ',' or spaces, at least MIN_ADMIN_TOKEN_CHARS
+    characters; no name or token twice. The message never shows a token."""
     out: list[tuple[str, str]] = []
-    for i, item in enumerate(value.split(","), 1):
+    for i, item in enumerate(text.split(","), 1):
         name, sep, token = item.strip().partition(":")
         if not sep or not _NAME_RE.fullmatch(name):
-            raise SettingsError(f"{var}: entry {i} must be NAME:TOKEN with a name of 1-64"
-                              " characters of A-Za-z0-9_.@-")
-        if len(token) < 16 or not all("\x21" <= ch <= "\x7e" for ch in token):
-            raise SettingsError(f"{var}: the token of {name!r} must be at least 16 printable"
-                              " ASCII characters without spaces")
+            raise ValueError(f"entry {i} must be NAME:TOKEN with a name of 1-64"
+                             " characters of A-Za-z0-9_.@-")
+        if len(token) < MIN_ADMIN_TOKEN_CHARS or not all("\x21" <= ch <= "\x7e"
+                                                         for ch in token):
+            raise ValueError(f"the token of {name!r} must be at least {MIN_ADMIN_TOKEN_CHARS}"
+                             " printable ASCII characters without spaces")
         if any(n == name for n, _ in out) or any(t == token for _, t in out):
-            raise SettingsError(f"{var}: {name!r} repeats a name or a token")
+            raise ValueError(f"{name!r} repeats a name or a token")
         out.append((name, token))
     return tuple(out)
 
 
-def _bool(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+def _log_level(text: str) -> str:
+    v = text.strip().upper()
+    if v not in LOG_LEVELS:
+        raise ValueError(f"not one of {', '.join(LOG_LEVELS)}")
+    return v
 
 
-def _seconds(name: str, value: str, low: float, high: float) -> float:
-    """A number of seconds in [low, high], else ``SettingsError`` naming ``name``."""
+# -- what a valid value is (None, or the reason) ------------------------------------
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be {lo}..{hi}"
+    return check
+
+
+def _at_least(lo: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"must be at least {lo}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a positive number"
+
+
+def _not_negative(v: Any) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be 0 or more"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: ``env`` variable, ``field`` of Settings, ``parse`` (text -> value,
+    ValueError = refused), ``check`` (value -> the problem, or None), and ``flag``,
+    the argparse dest of the command-line flag that overrides it (``switch``: a
+    store_true flag, which overrides only when given)."""
+
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], str | None] | None = None
+    flag: str | None = None
+    switch: bool = False
+    # Never echoed in a refusal.
+    secret: bool = False
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("COUPON_DATA_DIR", "data_dir", _path, flag="data_dir"),
+    Option("COUPON_REDIS_URL", "redis_url", _redis_url, flag="redis_url"),
+    Option("COUPON_REDIS_CLUSTER", "redis_cluster", _bool, flag="redis_cluster", switch=True),
+    Option("COUPON_STOCK_SHARDS", "stock_shards", _int, _between(1, MAX_SHARDS),
+           flag="stock_shards"),
+    Option("COUPON_HOST", "host", _text, flag="host"),
+    Option("COUPON_PORT", "port", _int, _between(1, 65535), flag="port"),
+    Option("COUPON_WORKERS", "workers", _int, _between(1, MAX_WORKERS), flag="workers"),
+    Option("COUPON_CAMPAIGN", "campaign_file", _path, flag="campaign"),
+    Option("COUPON_ALLOW_UNSAFE_REDIS", "allow_unsafe_redis", _bool,
+           flag="allow_unsafe_redis", switch=True),
+    Option("COUPON_MEMBER_JWT_SECRET", "member_jwt_secret", _text, secret=True),
+    Option("COUPON_ADMIN_TOKEN", "admin_token", _text, secret=True),
+    Option("COUPON_ADMIN_TOKENS", "admin_tokens", _admin_tokens, secret=True),
+    Option("COUPON_ALLOW_WEAK_SECRETS", "allow_weak_secrets", _bool,
+           flag="allow_weak_secrets", switch=True),
+    Option("COUPON_REDIS_TIMEOUT", "redis_timeout", _float, _positive),
+    Option("COUPON_REDIS_POOL_SIZE", "redis_pool_size", _int, _between(1, 10_000)),
+    Option("COUPON_CLIENT_TIMEOUT", "client_timeout_s", _float, _between(0.1, 600)),
+    Option("COUPON_KEEPALIVE_TIMEOUT", "keepalive_timeout_s", _float, _between(0.1, 3600)),
+    Option("COUPON_MAX_CONNECTIONS", "max_connections", _int, _between(1, 1_000_000)),
+    Option("COUPON_MEMBER_JWT_LEEWAY", "member_jwt_leeway_s", _float, _between(0, 300)),
+    Option("COUPON_METRICS_TOKEN", "metrics_token", _token, secret=True),
+    Option("COUPON_MEMBER_RATE", "member_rate", _float, _positive),
+    Option("COUPON_MEMBER_BURST", "member_burst", _int, _at_least(1)),
+    Option("COUPON_VENUE_BAD_CODE_LIMIT", "venue_bad_code_limit", _int, _at_least(1)),
+    Option("COUPON_ARCHIVER", "archiver", _bool),
+    Option("COUPON_LOG_LEVEL", "log_level", _log_level),
+    Option("COUPON_PROGRESS_AFTER", "progress_after_s", _float, _not_negative),
+)
+
+
+def _flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _read(opt: Option, text: str, where: str) -> Any:
     try:
-        got = float(value)
-    except ValueError:
-        got = float("nan")
-    if not low <= got <= high:  # NaN fails too
-        raise SettingsError(f"{name} must be a number of seconds from {low:g} to {high:g}, "
-                            f"got {value!r}")
-    return got
+        value = opt.parse(text)
+    except ValueError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
+    problem = opt.check(value) if opt.check else None
+    if problem:
+        raise SettingsError(f"{where}: {problem}")
+    return value
 
 
-def _count(name: str, value: str, low: int, high: int) -> int:
-    """An integer in [low, high], else ``SettingsError`` naming ``name``."""
-    try:
-        got = int(value)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer from {low} to {high}, "
-                            f"got {value!r}") from None
-    if not low <= got <= high:
-        raise SettingsError(f"{name} must be an integer from {low} to {high}, got {value!r}")
-    return got
+def _check_secrets(s: Settings, origin: Mapping[str, str]) -> None:
+    """Configured secrets long enough to be secrets (development may waive it)."""
+    if s.allow_weak_secrets:
+        return
+    member, admin = s.member_jwt_secret, s.admin_token
+    if member is not None and len(member.encode("utf-8")) < MIN_MEMBER_SECRET_BYTES:
+        raise SettingsError(
+            f"{origin['member_jwt_secret']}: an HS256 secret needs at least"
+            f" {MIN_MEMBER_SECRET_BYTES} bytes, got {len(member.encode('utf-8'))}"
+            " (COUPON_ALLOW_WEAK_SECRETS=1 accepts it, for development only)")
+    if admin is not None and len(admin) < MIN_ADMIN_TOKEN_CHARS:
+        raise SettingsError(
+            f"{origin['admin_token']}: the operator token needs at least"
+            f" {MIN_ADMIN_TOKEN_CHARS} characters, got {len(admin)}"
+            " (COUPON_ALLOW_WEAK_SECRETS=1 accepts it, for development only)")
+
+
+def _build(env: Mapping[str, str], flags: Mapping[str, Any]) -> Settings:
+    changes: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for opt in OPTIONS:
+        text = env.get(opt.env)
+        if text:  # unset and empty both mean the default
+            changes[opt.field] = _read(opt, text, opt.env if opt.secret else f"{opt.env}={text}")
+            origin[opt.field] = opt.env
+        if opt.flag is None:
+            continue
+        value = flags.get(opt.flag)
+        if opt.switch:
+            if value:
+                changes[opt.field] = True
+                origin[opt.field] = _flag_name(opt.flag)
+        elif value is not None:
+            where = f"{_flag_name(opt.flag)} {value}"
+            changes[opt.field] = _read(opt, str(value), where)
+            origin[opt.field] = _flag_name(opt.flag)
+    settings = replace(Settings(), **changes)
+    _check_secrets(settings, origin)
+    return settings
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from ``COUPON_*`` environment variables."""
-    env = os.environ if env is None else env
-    s = Settings()
-    changes: dict[str, Any] = {}
-    if v := env.get("COUPON_DATA_DIR"):
-        changes["data_dir"] = Path(v)
-    if v := env.get("COUPON_REDIS_URL"):
-        changes["redis_url"] = v
-    if v := env.get("COUPON_REDIS_CLUSTER"):
-        changes["redis_cluster"] = _bool(v)
-    if v := env.get("COUPON_STOCK_SHARDS"):
-        changes["stock_shards"] = int(v)
-    if v := env.get("COUPON_HOST"):
-        changes["host"] = v
-    if v := env.get("COUPON_PORT"):
-        changes["port"] = int(v)
-    if v := env.get("COUPON_WORKERS"):
-        changes["workers"] = int(v)
-    if v := env.get("COUPON_CAMPAIGN"):
-        changes["campaign_file"] = Path(v)
-    if v := env.get("COUPON_ALLOW_UNSAFE_REDIS"):
-        changes["allow_unsafe_redis"] = _bool(v)
-    if v := env.get("COUPON_MEMBER_JWT_SECRET"):
-        changes["member_jwt_secret"] = v
-    if v := env.get("COUPON_ADMIN_TOKEN"):
-        changes["admin_token"] = v
-    if v := env.get("COUPON_ADMIN_TOKENS"):
-        changes["admin_tokens"] = parse_admin_tokens(v)
-    if v := env.get("COUPON_REDIS_TIMEOUT"):
-        changes["redis_timeout"] = float(v)
-    if v := env.get("COUPON_MEMBER_RATE"):
-        changes["member_rate"] = float(v)
-    if v := env.get("COUPON_MEMBER_BURST"):
-        changes["member_burst"] = int(v)
-    if v := env.get("COUPON_VENUE_BAD_CODE_LIMIT"):
-        changes["venue_bad_code_limit"] = int(v)
-    if v := env.get("COUPON_REDIS_POOL_SIZE"):
-        changes["redis_pool_size"] = _count("COUPON_REDIS_POOL_SIZE", v, 1, 10_000)
-    if v := env.get("COUPON_CLIENT_TIMEOUT"):
-        changes["client_timeout_s"] = _seconds("COUPON_CLIENT_TIMEOUT", v, 0.1, 600)
-    if v := env.get("COUPON_KEEPALIVE_TIMEOUT"):
-        changes["keepalive_timeout_s"] = _seconds("COUPON_KEEPALIVE_TIMEOUT", v, 0.1, 3600)
-    if v := env.get("COUPON_MAX_CONNECTIONS"):
-        changes["max_connections"] = _count("COUPON_MAX_CONNECTIONS", v, 1, 1_000_000)
-    if v := env.get("COUPON_MEMBER_JWT_LEEWAY"):
-        changes["member_jwt_leeway_s"] = _seconds("COUPON_MEMBER_JWT_LEEWAY", v, 0, 300)
-    if v := env.get("COUPON_METRICS_TOKEN"):
-        if not v.isascii() or not v.isprintable() or " " in v:
-            raise SettingsError("COUPON_METRICS_TOKEN must be printable ASCII without spaces")
-        changes["metrics_token"] = v
-    if v := env.get("COUPON_ARCHIVER"):
-        changes["archiver"] = _bool(v)
-    if v := env.get("COUPON_LOG_LEVEL"):
-        changes["log_level"] = v.upper()
-    return replace(s, **changes)
-
-
-# Command-line flags (argparse dests) and the setting each overrides; store_true
-# flags override only when given.
-_FLAGS = {"data_dir": "data_dir", "redis_url": "redis_url", "stock_shards": "stock_shards",
-          "host": "host", "port": "port", "workers": "workers", "campaign": "campaign_file"}
-_SWITCHES = {"redis_cluster": "redis_cluster", "allow_unsafe_redis": "allow_unsafe_redis"}
+    """Build Settings from ``COUPON_*`` environment variables; SettingsError names the
+    first variable the engine refuses."""
+    return _build(os.environ if env is None else env, {})
 
 
 def from_flags(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
     """Settings from the environment, with the command line's flags applied
     (``vars(args)`` of any subcommand; flags it does not have are ignored)."""
-    changes: dict[str, Any] = {}
-    for flag, name in _FLAGS.items():
-        value = flags.get(flag)
-        if value is not None:
-            changes[name] = Path(value) if name in ("data_dir", "campaign_file") else value
-    for flag, name in _SWITCHES.items():
-        if flags.get(flag):
-            changes[name] = True
-    return from_env(env).with_overrides(**changes)
+    return _build(os.environ if env is None else env, flags)

@@ -26,7 +26,7 @@ from .config import Settings
 from .domain import rfc3339, utc_now_ms
 from .http.worker import worker_main
 from .ledger.archiver import run_in_background
-from .ledger.db import Ledger
+from .ledger.guard import LostState, load_checked, refuse_lost_state
 from .logs import setup_logging
 from .metrics import MULTIPROC_ENV, PROCESS_SAMPLE_S, ProcessGauges, mark_process_dead
 from .store import (
@@ -34,7 +34,6 @@ from .store import (
     check_safety,
     client_for,
     connect_with_retry,
-    load_campaign,
     redis_time_ms,
 )
 from .store.embedded import EmbeddedRedis
@@ -51,21 +50,6 @@ def sample_campaign_text() -> str:
     return resources.files("engine.data").joinpath("sample_campaign.toml").read_text("utf-8")
 
 
-def refuse_if_redis_lost_state(settings: Settings, campaign_id: str) -> None:
-    """Redis holds no campaign, yet the ledger has this campaign's events: Redis lost
-    its data. Loading the campaign now would put its full stock on sale again."""
-    if not settings.ledger_path.exists():
-        return
-    with Ledger(settings.ledger_path) as led:
-        n = led.event_count(campaign_id)
-    if n:
-        raise ServeError(
-            f"Redis holds no campaign, but the ledger {settings.ledger_path} has {n} events "
-            f"of campaign {campaign_id}: Redis has lost its state. Loading the campaign "
-            "would sell its stock a second time. Run 'coupon-engine restore' first "
-            "(docs/ledger.md, \"Restore\").")
-
-
 async def prepare(settings: Settings, url: str, embedded: bool) -> cmp.Campaign:
     """Check Redis, load the campaign; return what the workers will serve."""
     client = client_for(settings, url, timeout=5.0)
@@ -78,23 +62,26 @@ async def prepare(settings: Settings, url: str, embedded: bool) -> cmp.Campaign:
                                  + "; ".join(problems) + " (or pass --allow-unsafe-redis)")
             for p in problems:
                 log.warning("unsafe Redis setting accepted: %s", p)
-        if settings.campaign_file is not None:
-            new = cmp.parse_campaign(Path(settings.campaign_file).read_text("utf-8"))
-            if await active_campaign(client) is None:
-                refuse_if_redis_lost_state(settings, new.id)
-            plan = await load_campaign(client, new, settings.stock_shards)
-            log.info("campaign %s %s", new.id, "unchanged" if plan.noop else "loaded")
-        else:
-            current = await active_campaign(client)
-            if current is None:
-                sample = cmp.parse_campaign(sample_campaign_text())
-                refuse_if_redis_lost_state(settings, sample.id)
-                now = await redis_time_ms(client)
-                new = cmp.shifted_for_demo(sample, now)
-                await load_campaign(client, new, settings.stock_shards)
-                log.info("loaded the sample campaign %s, first round opens in 60 s", new.id)
+        try:
+            if settings.campaign_file is not None:
+                new = cmp.read_campaign(Path(settings.campaign_file))
+                plan = await load_checked(client, settings, new)
+                log.info("campaign %s %s", new.id, "unchanged" if plan.noop else "loaded")
             else:
-                log.info("serving the campaign already loaded: %s", current.id)
+                current = await active_campaign(client)
+                if current is None:
+                    sample = cmp.parse_campaign(sample_campaign_text())
+                    # Checked before the schedule is shifted: the same id either way.
+                    await refuse_lost_state(client, settings, sample.id)
+                    now = await redis_time_ms(client)
+                    await load_checked(client, settings, cmp.shifted_for_demo(sample, now))
+                    log.info("loaded the sample campaign %s, first round opens in 60 s",
+                             sample.id)
+                else:
+                    await refuse_lost_state(client, settings, current.id)
+                    log.info("serving the campaign already loaded: %s", current.id)
+        except LostState as exc:
+            raise ServeError(str(exc)) from None
         loaded = await active_campaign(client)
         assert loaded is not None
         for r in loaded.rounds:

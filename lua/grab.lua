@@ -24,7 +24,9 @@
 --   2 ROUND_NOT_FOUND     {2, now}
 --   3 VENUE_NOT_FOUND     {3, now}
 --   4 ROUND_NOT_OPEN      {4, now, opens_at_ms}
---   5 ROUND_CLOSED        {5, now, closes_at_ms}
+--   5 ROUND_CLOSED        {5, now, closes_at_ms}; also {5, now, valid_until_ms} once the
+--                         round's coupons have expired (a round loaded before
+--                         campaign files were refused for that): never sell an expired coupon
 --   6 ROUND_QUOTA         {6, now}
 --   7 CAMPAIGN_QUOTA      {7, now}
 --   8 SOLD_OUT            {8, now}
@@ -92,6 +94,12 @@ if now < opens then
 end
 if now >= closes then
   return {5, now, closes}
+end
+-- A coupon is never sold already expired (a campaign loaded before the load-time check):
+-- as final as a close, so it is answered before a pause (which says "retry later").
+local valid_until = tonumber(r[5])
+if now >= valid_until then
+  return {5, now, valid_until}
 end
 -- An operator's pause (pause.lua sets p): nothing is granted until resume.lua clears it.
 if r[6] then

@@ -39,7 +39,7 @@ class GrabModel:
         state = round_state(r, now_ms)
         if state == "scheduled":
             return GrabOutcome.ROUND_NOT_OPEN
-        if state == "closed":
+        if state == "closed" or now_ms >= r.valid_until_ms:  # expired coupons are not sold
             return GrabOutcome.ROUND_CLOSED
         if self.member_round.get((member, round_id), 0) >= r.member_round_quota:
             return GrabOutcome.ROUND_QUOTA

@@ -59,3 +59,33 @@ def test_every_adjacent_swap_of_two_symbols_but_zero_and_z_is_caught() -> None:
 def test_malformed() -> None:
     for text in ["", "ABC", "U" * 17, "0" * 18, "x" * 100, "ÄÖÜ"]:
         assert codes.normalize(text) is None
+
+
+def _reference_normalize(text: str) -> str | None:
+    """The check as first written (a loop over the symbols), to compare with."""
+    if not isinstance(text, str) or len(text) > 64:
+        return None
+    code = text.translate(str.maketrans("", "", " -\t")).upper().translate(
+        str.maketrans({"I": "1", "L": "1", "O": "0"}))
+    if len(code) != 17 or any(ch not in codes.ALPHABET for ch in code):
+        return None
+    factor, total = 1, 0
+    for ch in reversed(code):
+        addend = factor * codes.ALPHABET.index(ch)
+        factor = 1 if factor == 2 else 2
+        total += addend // 32 + addend % 32
+    return code if total % 32 == 0 else None
+
+
+def test_normalize_agrees_with_the_reference_check() -> None:
+    import random
+    rng = random.Random(15)
+    pool = codes.ALPHABET + "ilo -\tU*é１Ａ"
+    texts = [codes.new_code() for _ in range(300)]
+    texts += [t[:i] + rng.choice(pool) + t[i + 1:] for t in list(texts) for i in (0, 8, 16)]
+    texts += ["".join(rng.choice(pool) for _ in range(rng.randint(15, 19))) for _ in range(3000)]
+    valid = 0
+    for t in texts:
+        assert codes.normalize(t) == _reference_normalize(t), t
+        valid += codes.normalize(t) is not None
+    assert valid > 300  # the comparison saw valid codes, not only refusals

@@ -72,17 +72,19 @@ async def test_redeem_then_every_venue_error_with_store_unchanged(make_engine, r
 
 async def test_validity_window_by_redis_time(make_engine, redis_url) -> None:
     now = redis_now(redis_url)
-    r = open_round(redis_url, valid_from=now + timedelta(seconds=1.5),
+    # The coupons must outlive the round (campaign files are refused otherwise).
+    r = open_round(redis_url, closes=now + timedelta(seconds=2.5),
+                   valid_from=now + timedelta(seconds=1.5),
                    valid_until=now + timedelta(seconds=3), quota=2)
     e = await make_engine(campaign_toml(rounds=[r]))
     code = await grab(e, "m")
+    code2 = await grab(e, "m")
     s, b = await redeem(e, "V01", code)
     assert (s, b["error"]["code"]) == (409, "coupon_not_yet_valid")
     while redis_now(redis_url) < r["valid_until"] + timedelta(milliseconds=50):
         await asyncio.sleep(0.05)
     s, b = await redeem(e, "V01", code)
     assert (s, b["error"]["code"]) == (410, "coupon_expired")
-    code2 = await grab(e, "m")
     # Between the edges is tested by the main redeem test; here only the edges.
     assert (await redeem(e, "V01", code2))[0] == 410
 

@@ -2,7 +2,9 @@
 
 ``db.py`` the ledger itself; ``archiver.py`` moves the event streams into it;
 ``reconcile.py`` venue claims, settlement and statement; ``replay.py`` and
-``restore.py`` rebuild Redis from it; ``cli.py`` its commands (argparse only).
+``restore.py`` rebuild Redis from it; ``guard.py`` refuses to load or serve a
+campaign over lost state; ``csvsafe.py`` writes spreadsheet-safe CSV; ``report.py``
+the round report; ``cli.py`` its commands (argparse only).
 Never imports aiohttp (tests/test_layout.py); reconcile, settle and statement
 run with Redis down.
 """

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,19 @@ async def _process(client: AnyClient, ledger: Ledger, cid: str, shard: int,
 async def archive_once(client: AnyClient, ledger: Ledger, consumer: str = CONSUMER, *,
                        campaign_id: str | None = None, batch: int = BATCH,
                        min_idle_ms: int = MIN_IDLE_MS, crash_point: str | None = None,
-                       trim: bool = True) -> int:
-    """Drain every shard's stream into the ledger; returns how many events were new."""
+                       trim: bool = True,
+                       progress: Callable[[int], None] | None = None) -> int:
+    """Drain every shard's stream into the ledger; returns how many events were new.
+    ``progress`` is told the running count of entries handled, after each batch."""
     crash = CrashPoint(crash_point, ("after_read", "after_commit"))
+    handled = 0
+
+    def tick(n: int) -> None:
+        nonlocal handled
+        handled += n
+        if progress is not None:
+            progress(handled)
+
     cid = await sync_campaign(client, ledger)
     cid = campaign_id or cid
     if cid is None:
@@ -113,7 +124,7 @@ async def archive_once(client: AnyClient, ledger: Ledger, consumer: str = CONSUM
         # not hold back the others' events, so it is reported after the rest.
         try:
             total += await _archive_stream(client, ledger, cid, shard, stream, consumer,
-                                           batch, min_idle_ms, crash)
+                                           batch, min_idle_ms, crash, tick)
             if trim:
                 await trim_archived(client, stream)
         except UNREACHABLE as exc:
@@ -152,7 +163,7 @@ async def sync_settled(client: AnyClient, ledger: Ledger, campaign_id: str,
 
 async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: int,
                           stream: str, consumer: str, batch: int, min_idle_ms: int,
-                          crash: CrashPoint) -> int:
+                          crash: CrashPoint, tick: Callable[[int], None]) -> int:
     """One shard's stream: own pending entries, then abandoned ones, then new ones."""
     await ensure_group(client, stream)
     total = 0
@@ -165,6 +176,7 @@ async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: in
         if not entries:
             break
         total += await _process(client, ledger, cid, shard, stream, entries, crash)
+        tick(len(entries))
         start = entries[-1][0]
 
     # 2. Entries another (dead) consumer read and never acked.
@@ -175,6 +187,7 @@ async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: in
         cursor, claimed = res[0], [(eid, f or {}) for eid, f in res[1]]
         if claimed:
             total += await _process(client, ledger, cid, shard, stream, claimed, crash)
+            tick(len(claimed))
         if cursor in ("0-0", b"0-0"):
             break
 
@@ -185,6 +198,7 @@ async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: in
         if not entries:
             break
         total += await _process(client, ledger, cid, shard, stream, entries, crash)
+        tick(len(entries))
     return total
 
 

@@ -23,8 +23,8 @@ from typing import Any
 from redis import exceptions as rex
 
 from .. import codes
-from ..cliargs import add_engine_args, fail
-from ..config import Settings, from_flags
+from ..cliargs import Parser, Progress, add_engine_args, fail
+from ..config import Settings, SettingsError, from_flags
 from ..domain import rfc3339
 from ..shards import MAX_SHARDS
 from ..store.connection import open_client
@@ -43,11 +43,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _archive(url: str, ledger: Ledger, follow: bool, crash_point: str | None,
-                   cluster: bool = False) -> int:
+                   cluster: bool = False, progress: Progress | None = None) -> int:
     client = open_client(url, cluster=cluster, connect_timeout=5)
     try:
         if not follow:
-            return await archiver.archive_once(client, ledger, crash_point=crash_point)
+            tick = None if progress is None else \
+                (lambda n: progress.update(n, unit=" events"))
+            try:
+                return await archiver.archive_once(client, ledger, crash_point=crash_point,
+                                                   progress=tick)
+            finally:
+                if progress is not None:
+                    progress.finish()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,7 +69,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
     crash = os.environ.get(CRASH_ENV) or None
     try:
         with Ledger(s.ledger_path) as ledger, engine_redis(s) as url:
-            n = asyncio.run(_archive(url, ledger, args.follow, crash, s.redis_cluster))
+            n = asyncio.run(_archive(url, ledger, args.follow, crash, s.redis_cluster,
+                                     _progress(s, "archive")))
     except EmbeddedRedisError as exc:
         return fail(str(exc), 1)
     except (rex.ConnectionError, rex.TimeoutError, OSError, rex.RedisClusterException) as exc:
@@ -95,7 +103,8 @@ def _redis_if_reachable(s: Settings, ledger: Ledger) -> Iterator[str | None]:
     try:
         if url is not None:
             try:
-                asyncio.run(_archive(url, ledger, False, None, s.redis_cluster))
+                asyncio.run(_archive(url, ledger, False, None, s.redis_cluster,
+                                     _progress(s, "archiving first")))
             except _UNREACHABLE as exc:
                 _warn_unreachable(exc)
                 url = None
@@ -123,9 +132,19 @@ def _ledger_command(work: Work) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _warn(message: str) -> None:
+    print(f"coupon-engine: {message}", file=sys.stderr)
+
+
+def _progress(s: Settings, label: str) -> Progress:
+    return Progress(f"coupon-engine: {label}", delay_s=s.progress_after_s)
+
+
 def _do_reconcile(ledger: Ledger, s: Settings, args: argparse.Namespace,
                   url: str | None) -> int:
-    summary = reconcile.reconcile(ledger, args.venue, Path(args.claims), Path(args.out))
+    summary = reconcile.reconcile(ledger, args.venue, Path(args.claims), Path(args.out),
+                                  warn=_warn, progress=_progress(
+                                      s, f"reconcile {Path(args.claims).name}"))
     print(reconcile.summary_json(summary))
     return 0
 
@@ -162,7 +181,8 @@ def _marker(s: Settings, url: str | None) -> reconcile.Marker:
 def _do_settle(ledger: Ledger, s: Settings, args: argparse.Namespace,
                url: str | None) -> int:
     summary = reconcile.settle(ledger, args.venue, Path(args.claims), Path(args.out),
-                               mark=_marker(s, url))
+                               mark=_marker(s, url), warn=_warn,
+                               progress=_progress(s, f"settle {Path(args.claims).name}"))
     print(reconcile.summary_json(summary))
     return 0
 
@@ -231,7 +251,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 print(restore.summary(target, "would restore"))
                 return 0
             with engine_redis(s) as url:
-                target = asyncio.run(_restore(url, ledger, req))
+                progress = _progress(s, "restore")
+                try:
+                    target = asyncio.run(_restore(url, ledger, req, progress))
+                finally:
+                    progress.finish()
                 print(restore.summary(target))
                 return 0
     except (restore.Refused, restore.RestoreError) as exc:
@@ -242,11 +266,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return fail(f"cannot reach Redis: {exc}", 1)
 
 
-async def _restore(url: str, ledger: Ledger, req: restore.Request) -> restore.Target:
+async def _restore(url: str, ledger: Ledger, req: restore.Request,
+                   progress: Progress) -> restore.Target:
     # Single Redis only: restore writes cpn:active in the same MULTI as the campaign keys.
     client = open_client(url, connect_timeout=5)
     try:
-        return await restore.restore_into(client, ledger, req)
+        return await restore.restore_into(
+            client, ledger, req, progress=lambda n: progress.update(n, unit=" commands"))
     finally:
         await client.aclose()
 
@@ -327,11 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m engine.ledger.cli``): the ledger commands
     without the rest of the CLI."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="coupon-engine")
+    parser = Parser(prog="coupon-engine")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        return fail(str(exc))
 
 
 if __name__ == "__main__":

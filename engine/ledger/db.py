@@ -385,6 +385,24 @@ class Ledger:
         rows.sort(key=lambda e: event_id_key(e.event_id))
         return rows
 
+    def shard_positions(self, campaign_id: str) -> dict[int, tuple[str, int]]:
+        """shard -> (its last archived stream id, its number of events), for the
+        shards the campaign has events of. The guard (``ledger/guard.py``) compares
+        them with what Redis's streams say they ever held."""
+        out: dict[int, tuple[tuple[int, int], str, int]] = {}
+        for (event_id,) in self.db.execute(
+                "SELECT event_id FROM events WHERE campaign_id = ?", (campaign_id,)):
+            shard, stream_id = split_event_id(event_id)
+            ms, _, seq = stream_id.partition("-")
+            key = (int(ms), int(seq or 0))
+            prev = out.get(shard)
+            if prev is None:
+                out[shard] = (key, stream_id, 1)
+            else:
+                out[shard] = (max(prev[0], key), stream_id if key > prev[0] else prev[1],
+                              prev[2] + 1)
+        return {shard: (last, n) for shard, (_, last, n) in out.items()}
+
     def event_shards(self, campaign_id: str) -> int:
         """1 + the highest shard among the campaign's events (1 when it has none)."""
         row = self.db.execute(

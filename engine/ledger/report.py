@@ -17,7 +17,6 @@ means is in docs/ledger.md, "Round report".
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -34,6 +33,7 @@ from typing import IO, Any
 from zoneinfo import ZoneInfo
 
 from ..campaign import Campaign, Round
+from .csvsafe import SafeWriter, open_report
 from .db import AuditRow, Ledger, event_id_key
 
 # Lines drawn per venue in the sell-out curve; the others are summed into one.
@@ -601,10 +601,12 @@ FIGURES = [
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    with open(path, "w", encoding="utf-8-sig", newline="") as f:
-        w = csv.writer(f)
+    # Venue names and cities come from the campaign file: spreadsheet-safe (csvsafe).
+    with open_report(path) as f:
+        w = SafeWriter(f)
         w.writerow(header)
-        w.writerows(rows)
+        for row in rows:
+            w.writerow(row)
 
 
 def _html_table(header: list[str], rows: list[list[Any]], limit: int | None = None) -> str:

@@ -68,11 +68,7 @@ def campaign_to_restore(ledger: Ledger, path: str | None) -> cmp.Campaign:
             raise Refused("the ledger holds no campaign document; pass --campaign FILE")
         return c
     try:
-        text = Path(path).read_text("utf-8")
-    except OSError as exc:
-        raise Refused(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        from_file = cmp.parse_campaign(text)
+        from_file = cmp.read_campaign(Path(path))
     except cmp.CampaignError as exc:
         raise Refused(str(exc)) from None
     kept = ledger.source_campaign(from_file.id)
@@ -100,7 +96,8 @@ def dry_run(ledger: Ledger, req: Request) -> Target:
 
 
 async def restore_into(client: Any, ledger: Ledger, req: Request,
-                       say: Callable[[str], None] = print) -> Target:
+                       say: Callable[[str], None] = print,
+                       progress: Callable[[int], None] | None = None) -> Target:
     """Rebuild the campaign in this (single) Redis; raises ``Refused`` or
     ``RestoreError`` before writing anything when it must not."""
     c = campaign_to_restore(ledger, req.campaign_file)
@@ -121,7 +118,8 @@ async def restore_into(client: Any, ledger: Ledger, req: Request,
     audits = await asyncio.to_thread(ledger.audit_of, c.id)
     settled = await asyncio.to_thread(ledger.settled_at, c.id)
     target = build(c, events, now, req.idempotency_ttl_s, shards, audits, settled)
-    await apply(client, target, batch=req.batch, crash_point=req.crash_point)
+    await apply(client, target, batch=req.batch, crash_point=req.crash_point,
+                progress=progress)
     return target
 
 

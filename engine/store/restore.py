@@ -21,7 +21,7 @@ Venue API keys (``vkeys``) are not in the ledger and are not rebuilt; with
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,10 +164,12 @@ def check_target(existing: Existing, campaign_id: str, force: bool) -> str | Non
 
 
 async def apply(client: Any, t: Target, *, batch: int = DEFAULT_BATCH,
-                crash_point: str | None = None) -> None:
+                crash_point: str | None = None,
+                progress: Callable[[int], None] | None = None) -> None:
     """Write ``t`` into Redis, replacing whatever the campaign's keys hold.
 
-    The caller has decided (``check_target``) that this is allowed.
+    The caller has decided (``check_target``) that this is allowed. ``progress`` is
+    told how many data commands have been written, after each batch.
     """
     crash = CrashPoint(crash_point, ("after_clear", "after_batch"))
     k = t.keys
@@ -204,12 +206,16 @@ async def apply(client: Any, t: Target, *, batch: int = DEFAULT_BATCH,
 
     # 3. Data, in pipelined batches (not visible as a campaign until step 4).
     pending: list[tuple[Any, ...]] = []
+    sent = 0
     for cmd in t.data_commands():
         pending.append(cmd)
         if len(pending) >= batch:
             await _send(client, pending)
+            sent += len(pending)
             pending = []
             crash.at("after_batch")
+            if progress is not None:
+                progress(sent)
     if pending:
         await _send(client, pending)
         crash.at("after_batch")
