@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,16 +174,20 @@ class MemberVerifier:
         self._inner, self._outer = _hmac_sha256_pads(self._key)
         self._ids = id_pattern
         self.leeway_s = leeway_s
-        self._cache: dict[str, tuple[str, float]] = {}
+        # Verified tokens, least recently used first: a member taps many times in a
+        # round, and a full cache drops its oldest entry rather than all of them.
+        self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._good_headers: set[str] = set()
 
     def verify(self, token: str) -> str:
         now = time.time()
-        hit = self._cache.get(token)
+        cache = self._cache
+        hit = cache.get(token)
         if hit is not None:
             if hit[1] > now:
+                cache.move_to_end(token)
                 return hit[0]
-            del self._cache[token]
+            del cache[token]
         if len(token) > MAX_TOKEN_LEN:
             raise Unauthorized("token too long")
         if not token.isascii():
@@ -202,9 +207,9 @@ class MemberVerifier:
         except (ValueError, msgspec.DecodeError) as exc:
             raise Unauthorized(f"invalid member token: bad claims ({exc})") from None
         sub, exp = self._check_claims(claims, now)
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
-        self._cache[token] = (sub, exp + self.leeway_s)
+        if len(cache) >= _CACHE_MAX:
+            cache.popitem(last=False)
+        cache[token] = (sub, exp + self.leeway_s)
         return sub
 
     def _check_claims(self, c: _Claims, now: float) -> tuple[str, int]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import msgspec
+
 
 class EngineError(Exception):
     code: ClassVar[str] = "internal"
@@ -38,6 +40,14 @@ class EngineError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.fields}}
+
+    def encoded(self) -> bytes:
+        """``body()`` as JSON, encoded once per instance: the engine answers a round's
+        refusals with a few shared instances (``service.Engine.refusal``)."""
+        raw = self.__dict__.get("_encoded")
+        if raw is None:
+            raw = self.__dict__["_encoded"] = msgspec.json.encode(self.body())
+        return raw
 
 
 class InvalidRequest(EngineError):

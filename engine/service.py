@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,12 @@ log = logging.getLogger("engine.service")
 # A round is answered "not open" without Redis only this long before opening
 # (by the Redis clock as this worker estimates it), and "closed" only this long after.
 CLOCK_MARGIN_MS = 500
+# Members a worker remembers at a quota (WorkerState.at_quota): some 30 MB at most.
+AT_QUOTA_MAX = 200_000
+# The at_quota entry for the campaign's quota (never a round id: ids match ID_RE).
+CAMPAIGN_WIDE = "*"
+# Shared refusal instances (Engine.refusal); a few per round in practice.
+_REFUSALS_MAX = 4096
 POLL_INTERVAL_S = 0.5
 # Refill-and-grab tries for a member whose stock shard is dry (docs/cluster.md).
 _REFILL_ATTEMPTS = 32
@@ -146,6 +153,41 @@ class WorkerState:
     # redis_time_ms - local_time_ms, from the last script reply.
     clock_offset_ms: float = 0.0
     fingerprint: str = ""
+    # Members grab.lua found (or this worker made) at a quota: member -> the rounds
+    # whose quota they reached, CAMPAIGN_WIDE for the campaign's (a tuple of strings,
+    # which the garbage collector does not track). A quota is never given back (a void
+    # returns the stock, not the quota), so this only grows until the campaign
+    # changes; bounded, least recently used dropped first.
+    at_quota: OrderedDict[str, tuple[str, ...]] = field(default_factory=OrderedDict)
+
+    def knows_at_quota(self, member_id: str, round_id: str) -> None:
+        """Remember that the member reached the round's quota (CAMPAIGN_WIDE: the
+        campaign's)."""
+        known = self.at_quota.get(member_id)
+        if known is None:
+            self.at_quota[member_id] = (round_id,)
+            if len(self.at_quota) > AT_QUOTA_MAX:
+                self.at_quota.popitem(last=False)
+        else:
+            if round_id not in known:
+                self.at_quota[member_id] = (*known, round_id)
+            self.at_quota.move_to_end(member_id)
+
+    def quota_refusal(self, member_id: str, round_id: str) -> GrabOutcome | None:
+        """The quota refusal grab.lua would give this member in this round, if known."""
+        known = self.at_quota.get(member_id)
+        if known is None:
+            return None
+        if round_id in known:
+            return GrabOutcome.ROUND_QUOTA
+        if CAMPAIGN_WIDE in known:
+            return GrabOutcome.CAMPAIGN_QUOTA
+        return None
+        if round_id in known:
+            return GrabOutcome.ROUND_QUOTA
+        if CAMPAIGN_WIDE in known:
+            return GrabOutcome.CAMPAIGN_QUOTA
+        return None
 
     def redis_now_ms(self) -> float:
         return time.time() * 1000 + self.clock_offset_ms
@@ -170,6 +212,7 @@ class Engine:
         self._venue_cache: dict[str, tuple[str, float]] = {}
         self._venue_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._refills: dict[tuple[str, int], asyncio.Future[int]] = {}
+        self._refusals: dict[tuple[type[errors.EngineError], int], errors.EngineError] = {}
         self._stopping = False
         # Set by a notice that the campaign changed (an operator's close or added stock):
         # the poller then runs at once instead of at its next tick.
@@ -230,25 +273,30 @@ class Engine:
         r = c.round(round_id)
         if r is None:
             self.metrics.grab(round_id, "round_not_found")
-            return errors.RoundNotFound()
+            return self.refusal(errors.RoundNotFound)
         if venue_id not in r.stock:
             self.metrics.grab(round_id, "venue_not_found")
-            return errors.VenueNotFound()
+            return self.refusal(errors.VenueNotFound)
         now = self.state.redis_now_ms()
         if now < r.opens_at_ms - CLOCK_MARGIN_MS:
             self.metrics.grab(round_id, "round_not_open")
-            return errors.RoundNotOpen(opens_at=rfc3339(r.opens_at_ms, c.timezone))
-        if now > r.closes_at_ms + CLOCK_MARGIN_MS and not await self._may_replay(
-                member_id, idem_key):
-            self.metrics.grab(round_id, "round_closed")
-            return errors.RoundClosed()
-        if round_id in self.state.paused and not await self._may_replay(member_id, idem_key):
-            self.metrics.grab(round_id, "round_paused")
-            return errors.RoundPaused()
+            return self.refusal(errors.RoundNotOpen, r.opens_at_ms)
+        # The rest of what the worker knows, in grab.lua's order of checks; each still
+        # lets a keyed retry of a granted request through to its replay.
+        known = None
+        if now > r.closes_at_ms + CLOCK_MARGIN_MS:
+            known = GrabOutcome.ROUND_CLOSED
+        elif round_id in self.state.paused:
+            known = GrabOutcome.ROUND_PAUSED
+        elif self.state.at_quota and (
+                quota := self.state.quota_refusal(member_id, round_id)) is not None:
+            known = quota
+        elif line_key(round_id, venue_id) in self.state.sold_out:
+            known = GrabOutcome.SOLD_OUT
+        if known is not None and not await self._may_replay(member_id, idem_key):
+            self.metrics.grab(round_id, known.name.lower())
+            return self.refusal(GRAB_REFUSALS[known])
         line = line_key(round_id, venue_id)
-        if line in self.state.sold_out and not await self._may_replay(member_id, idem_key):
-            self.metrics.grab(round_id, "sold_out")
-            return errors.SoldOut()
         with self.metrics.script("grab"):
             res = await self.store.grab(round_id, venue_id, member_id, idem_key)
         if res.outcome is GrabOutcome.SOLD_OUT and self.store.shards > 1:
@@ -256,6 +304,18 @@ class Engine:
         self.state.observe_clock(res.now_ms)
         self.metrics.grab(round_id, res.outcome.name.lower())
         return self._grab_reply(res, member_id, round_id, venue_id, line)
+
+    def refusal(self, cls: type[errors.EngineError], at_ms: int = 0) -> errors.EngineError:
+        """The refusal ``cls`` (with its time field from ``at_ms`` when it has one), one
+        shared instance per (class, time): the grab path returns these rather than
+        raising them, and each is encoded once (``errors.EngineError.encoded``)."""
+        key = (cls, at_ms if cls.extra else 0)
+        err = self._refusals.get(key)
+        if err is None:
+            if len(self._refusals) >= _REFUSALS_MAX:
+                self._refusals.clear()
+            err = self._refusals[key] = refusal(cls, at_ms, self.campaign.timezone)
+        return err
 
     async def _may_replay(self, member_id: str, idem_key: str | None) -> bool:
         """Whether a request the worker could refuse without Redis (closed, sold out)
@@ -314,6 +374,11 @@ class Engine:
                         self.state.sold_out.add(line)
                     self.state.remaining[line] = res.remaining
                 self.metrics.issued(round_id, venue_id)
+                r = c.round(round_id)
+                if r is not None and r.member_round_quota == 1:
+                    # Granted the round's one coupon: the member's next tap is refused
+                    # here (quota is never given back: a void returns stock only).
+                    self.state.knows_at_quota(member_id, round_id)
             # A replay returns the first result again: the coupon as it was issued.
             return coupon_view(c, CouponState(
                 res.code, round_id, venue_id, member_id, "issued", res.issued_at_ms,
@@ -322,10 +387,14 @@ class Engine:
             self.state.sold_out.add(line)
         elif oc is GrabOutcome.ROUND_PAUSED:
             self.state.paused.add(round_id)
+        elif oc is GrabOutcome.ROUND_QUOTA:
+            self.state.knows_at_quota(member_id, round_id)
+        elif oc is GrabOutcome.CAMPAIGN_QUOTA:
+            self.state.knows_at_quota(member_id, CAMPAIGN_WIDE)
         cls = GRAB_REFUSALS.get(oc)
         if cls is None:
             raise RuntimeError(f"grab.lua refused its arguments: {oc.name} {res.message}")
-        return refusal(cls, res.edge_ms, c.timezone)
+        return self.refusal(cls, res.edge_ms)
 
     async def my_coupons(self, member_id: str) -> list[Coupon]:
         return [coupon_view(self.campaign, s) for s in await self.store.member_coupons(member_id)]
@@ -540,6 +609,9 @@ class Engine:
             if new is not None:
                 self.state.campaign = new
                 self.state.fingerprint = fp
+                # Quotas, round times or the timezone may be new: forget what they decided.
+                self.state.at_quota.clear()
+                self._refusals.clear()
                 self.metrics.prime(new)
                 log.info("campaign %s reloaded (version %s)", new.id, fp[:12])
 

@@ -44,6 +44,7 @@ are served by min(S, 3) different primaries (or give one with --campaign-id).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import multiprocessing as mp
 import os
@@ -75,6 +76,8 @@ from engine.store.keys import Keys  # noqa: E402
 CID = "bench"
 BIG_VENUES = [f"V{i:02d}" for i in range(1, 11)]
 SOLD_OUT_VENUE = "VSO"
+# Members at their quota who keep tapping in phase 3c.
+QUOTA_CROWD = 5000
 
 # Counts statuses per thread and prints one machine-readable line from done().
 WRK_COMMON = r"""
@@ -109,8 +112,10 @@ function init(args) counts = {} end
 """
 
 # args: tokens file, thread count, path, venues (comma separated), start offset
+# [, "idem": each request also carries an Idempotency-Key of its own]
 WRK_GRAB = WRK_COMMON + r"""
 function init(args)
+  keyed = args[6] == "idem"
   counts = {}
   tokens = {}
   for line in io.lines(args[1]) do tokens[#tokens + 1] = line end
@@ -123,9 +128,10 @@ end
 function request()
   local tok = tokens[(idx % #tokens) + 1]
   local body = bodies[(math.floor(idx / nthreads) % #bodies) + 1]
+  local headers = {["Authorization"] = "Bearer " .. tok, ["Content-Type"] = "application/json"}
+  if keyed then headers["Idempotency-Key"] = "k" .. idx end
   idx = idx + nthreads
-  return wrk.format("POST", path, {["Authorization"] = "Bearer " .. tok,
-                                   ["Content-Type"] = "application/json"}, body)
+  return wrk.format("POST", path, headers, body)
 end
 """
 
@@ -496,6 +502,27 @@ def write_tokens(path: Path, secret: str, n: int) -> None:
             f.write(mint_member_token(secret, f"b{tag}-{i}", 7200) + "\n")
 
 
+def granted_members(engine: Engine, tokens: Path, used: int, out: Path, most: int) -> int:
+    """Write the tokens of the first ``used`` members that hold a coupon of R1, at
+    most ``most`` of them (wrk drops what is in flight when it stops: a few used
+    members got none)."""
+    with tokens.open() as src:
+        lines = [line for _, line in zip(range(used), src)]
+    members = [json.loads(base64.urlsafe_b64decode(t.split(".")[1] + "==="))["sub"]
+               for t in lines]
+    k = engine.keys(0)
+    held: list[Any] = []
+    r = engine.redis()
+    for i in range(0, len(members), 10_000):
+        pipe = r.pipeline(transaction=False)
+        for m in members[i:i + 10_000]:
+            pipe.hget(k.member(m), "r:R1")
+        held += pipe.execute()
+    keep = [t for t, h in zip(lines, held) if h][:most]
+    out.write_text("".join(keep))
+    return len(keep)
+
+
 def granted_codes(engine: Engine, out: Path) -> int:
     """Write "venue_key code" for every issued coupon of the big venues, each with a
     fresh key of its venue, read straight from Redis (every stock shard: a coupon's
@@ -668,7 +695,9 @@ def run(args: argparse.Namespace) -> int:
                 runs[-1].note = f"engine CPU {us:.0f} us/req"
             # The next run starts after the members (or codes) the previous one used, so
             # a repeat measures the same path rather than round_quota_exceeded.
-            wrk_args = [*wrk_args[:-1], str(runs[-1].next_index)]
+            at = 4 if script == "grab" else len(wrk_args) - 1
+            if at >= 0:
+                wrk_args = [*wrk_args[:at], str(runs[-1].next_index), *wrk_args[at + 1:]]
         res = median_result(runs)
         res.note = runs[len(runs) // 2].note
         res.cpu = runs[len(runs) // 2].cpu
@@ -763,6 +792,27 @@ def run(args: argparse.Namespace) -> int:
                   [str(tokens), str(threads), "/v1/rounds/R1/grab", SOLD_OUT_VENUE, used])
         if engine.issued() != before or s.statuses.get("201"):
             problems.append("sold-out phase issued coupons")
+        # The same crowd, each request with an Idempotency-Key: the worker still knows the
+        # line is sold out, but first asks Redis whether the key was granted (a replay).
+        s2 = phase("3a2 sold out, keyed", grab_url, "grab",
+                   [str(tokens), str(threads), "/v1/rounds/R1/grab", SOLD_OUT_VENUE,
+                    str(s.next_index), "idem"])
+        if engine.issued() != before or s2.statuses.get("201"):
+            problems.append("keyed sold-out phase issued coupons")
+        # Members who got their round's one coupon in phase 2 keep tapping (a few
+        # thousand of them, each many times, their tokens repeating as a member's do):
+        # the first tap per worker learns the quota from grab.lua, the rest are
+        # answered from that.
+        granted_tokens = tmp / "granted-tokens.txt"
+        n_granted = granted_members(engine, tokens, int(g.next_index), granted_tokens,
+                                    QUOTA_CROWD)
+        before = engine.issued()
+        q = phase("3c quota reached", grab_url, "grab",
+                  [str(granted_tokens), str(threads), "/v1/rounds/R1/grab",
+                   ",".join(BIG_VENUES), "0"])
+        q.note = f"{n_granted} members; {q.note}"
+        if engine.issued() != before or q.statuses.get("201"):
+            problems.append("quota phase issued coupons")
         phase("3b not yet open", f"{engine.base}/v1/rounds/R2/grab", "grab",
               [str(tokens), str(threads), "/v1/rounds/R2/grab", ",".join(BIG_VENUES), "0"])
         problems += engine.check() + engine.check("R2")
@@ -844,6 +894,11 @@ def cpu_total(cpu: dict[str, float]) -> float:
 
 # Issue 7's targets, as a share of the 1b ceiling.
 TARGETS = {"2 grab": 0.6, "3a sold out": 0.9, "3b not yet open": 0.9, "4 redeem": 0.5}
+# Issue 19's: the workers' CPU per answer at most this many times the bare app's (1b's
+# server column), and the end-to-end rate at least this share of 1b's.
+SERVER_TARGETS = {"2 grab": (2.0, 0.35), "3a sold out": (1.5, 0.6),
+                  "3a2 sold out, keyed": (None, None), "3c quota reached": (1.5, 0.6),
+                  "3b not yet open": (1.5, 0.6)}
 
 
 def print_cpu_budget(results: list[Result]) -> None:
@@ -876,6 +931,21 @@ def print_cpu_budget(results: list[Result]) -> None:
         total = cpu_total(x)
         print(f"| {r.phase:<36} | {x['wrk']:6.1f} | {x['server']:6.1f} | {x['archiver']:8.1f} | "
               f"{x['redis']:6.1f} | {total:6.1f} | {x['busy_cores']:10.2f} |")
+    print()
+    print("Issue 19's targets: workers' CPU per answer / 1b's server column, rate / 1b's rate")
+    print(f"| {'phase':<36} | {'server':>6} | {'x 1b':>5} | {'target':>6} | "
+          f"{'vs 1b':>5} | {'target':>6} | {'redis':>6} |")
+    print(f"|{'-' * 38}|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 8}|")
+    for prefix, (cpu_t, rate_t) in SERVER_TARGETS.items():
+        r = by.get(prefix) or next((x for n, x in by.items() if n.startswith(prefix + " ")),
+                                   None)
+        if r is None:
+            continue
+        x = r.cpu
+        ct = f"{cpu_t:.2f}" if cpu_t else "-"
+        rt = f"{rate_t:.2f}" if rate_t else "-"
+        print(f"| {r.phase:<36} | {x['server']:6.1f} | {x['server'] / b['server']:5.2f} | "
+              f"{ct:>6} | {r.rps / base.rps:5.2f} | {rt:>6} | {x['redis']:6.1f} |")
     print()
     print("Issue 7's targets against the CPU they allow (us per answer, at 1b's busy cores)")
     print(f"| {'phase':<36} | {'target':>6} | {'allowed':>7} | {'measured':>8} | "

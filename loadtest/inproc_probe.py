@@ -149,14 +149,15 @@ def bare_app() -> Any:
 async def main_async(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from engine import campaign as cmp
     from engine.auth import mint_member_token
     from engine.config import Settings
     from engine.http.app import create_app
     from engine.http.guard import ConnectionGuard, GuardedHandler
+    from engine.http.hot import EngineRunner
     from engine.store import load_campaign
     from engine.store.connection import open_client
     from engine.store.embedded import EmbeddedRedis
-    from engine import campaign as cmp
 
     tmp = Path(tempfile.mkdtemp(prefix="coupon-inproc-"))
     redis = EmbeddedRedis(tmp / "redis")
@@ -181,7 +182,8 @@ async def main_async(args: argparse.Namespace) -> int:
         runners = []
         guard = ConnectionGuard()
         for name, app in (("bare", bare_app()), ("engine", engine_app)):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            make = EngineRunner if name == "engine" else web.AppRunner
+            runner = make(app, access_log=None, handle_signals=False)
             await runner.setup()
             runners.append(runner)
             srv = runner.server
@@ -192,6 +194,11 @@ async def main_async(args: argparse.Namespace) -> int:
                     s, guard=guard, loop=lp, access_log=None))
             else:
                 servers[name] = srv
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        if args.gc_threshold:
+            gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
         paths = args.paths.split(",")
         routes = {"bare": ("bare", "/v1/rounds/R1/grab", BIG),
                   "not_open": ("engine", "/v1/rounds/R2/grab", BIG),
@@ -237,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--paths", default="bare,not_open,sold_out,grant")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="gc.freeze() after start-up, as the workers do")
+    p.add_argument("--gc-threshold", default="", help="gc.set_threshold(a,b,c): 'a,b,c'")
     p.add_argument("--connections", type=int, default=64,
                    help="connections fed at once (the wire batches a loop turn's grabs)")
     args = p.parse_args(argv)

@@ -15,14 +15,24 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine import campaign as cmp
 from engine.auth import mint_member_token
 from engine.config import Settings
 from engine.http.app import create_app
+from engine.http.hot import EngineRunner
 from engine.store import load_campaign
 from engine.store.embedded import EmbeddedRedis
+
+
+class EngineTestServer(TestServer):
+    """aiohttp's test server on the workers' runner, so tests meet the hot path."""
+
+    async def _make_runner(self, **kwargs: object) -> web.BaseRunner:
+        assert isinstance(self.app, web.Application)
+        return EngineRunner(self.app, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +163,7 @@ async def make_engine(redis_url: str, tmp_path: Path, aredis: aioredis.Redis):
         kw.update(settings_kw)
         settings = Settings(data_dir=tmp_path / "var", redis_url=redis_url,
                             member_jwt_secret=SECRET, admin_token=ADMIN, **kw)  # type: ignore[arg-type]
-        client = TestClient(TestServer(create_app(settings, redis_url)))
+        client = TestClient(EngineTestServer(create_app(settings, redis_url)))
         await client.start_server()
         clients.append(client)
         return EngineUnderTest(client, aredis, c)

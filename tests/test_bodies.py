@@ -17,8 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp.test_utils import TestClient, TestServer
-from conftest import campaign_toml, open_round
+from aiohttp.test_utils import TestClient
+from conftest import EngineTestServer, campaign_toml, open_round
 
 from engine import campaign as cmp
 from engine import codes
@@ -197,7 +197,7 @@ async def test_demo_sign_in_body_in_pieces(redis_url, aredis, tmp_path: Path) ->
     """The pages' demo sign-in (development secrets only) takes a body too."""
     await load_campaign(aredis, cmp.parse_campaign(campaign_toml(rounds=[open_round(redis_url)])),
                         1)
-    client = TestClient(TestServer(create_app(Settings(data_dir=tmp_path / "var",
+    client = TestClient(EngineTestServer(create_app(Settings(data_dir=tmp_path / "var",
                                                        redis_url=redis_url), redis_url)))
     await client.start_server()
     try:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import conftest
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from clusterkit import LocalCluster
-from conftest import ADMIN, SECRET, campaign_toml
+from conftest import ADMIN, SECRET, EngineTestServer, campaign_toml
 
 from engine import campaign as cmp
 from engine import cli, shards
@@ -102,7 +102,7 @@ async def engine(cluster_url: str, tmp_path: Path, text: str,
     settings = Settings(data_dir=tmp_path / "var", redis_url=cluster_url,
                         member_jwt_secret=SECRET, admin_token=ADMIN, member_rate=1e6,
                         member_burst=10**6, **kw)  # type: ignore[arg-type]
-    http = TestClient(TestServer(create_app(settings, cluster_url)))
+    http = TestClient(EngineTestServer(create_app(settings, cluster_url)))
     await http.start_server()
     try:
         yield http, client, c

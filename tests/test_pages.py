@@ -10,8 +10,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from conftest import campaign_toml, open_round, redis_now
+from aiohttp.test_utils import TestClient
+from conftest import EngineTestServer, campaign_toml, open_round, redis_now
 
 from engine import campaign as cmp
 from engine.auth import resolve_secrets
@@ -153,7 +153,7 @@ async def test_development_secrets_offer_the_demo_sign_in(redis_url, aredis,
     await load_campaign(aredis, cmp.parse_campaign(campaign_toml(rounds=[open_round(redis_url)])),
                         1)
     settings = Settings(data_dir=tmp_path / "var", redis_url=redis_url)
-    client = TestClient(TestServer(create_app(settings, redis_url)))
+    client = TestClient(EngineTestServer(create_app(settings, redis_url)))
     await client.start_server()
     try:
         assert 'id="demo-form"' in await (await client.get("/")).text()

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .. import errors
 from ..auth import resolve_secrets
 from ..config import Settings
 from ..metrics import Metrics
@@ -19,12 +18,13 @@ from . import openapi, public
 from .handlers import (
     BODY_TIMEOUT,
     ENGINE,
+    METRICS,
     METRICS_PAGE,
     METRICS_TOKEN,
     OPENAPI,
     MetricsPage,
     add_routes,
-    error_response,
+    answer_error,
 )
 
 log = logging.getLogger("engine.app")
@@ -45,33 +45,15 @@ def engine_middleware(metrics: Metrics) -> Middleware:
             resp = await handler(request)
             status = resp.status
             return resp
-        except errors.EngineError as exc:
-            status = exc.status
-            resp = error_response(exc)
-            if not request.content.is_eof():
-                # Answered before its body arrived (too large, too slow): what is left
-                # of the body would be read as the next request. Close after answering.
-                resp.force_close()
-            return resp
-        except web.HTTPException as exc:
-            if exc.status == 404:
-                err: errors.EngineError = errors.NotFound(f"no route {request.path}")
-            elif exc.status == 405:
-                # RFC 9110: a 405 names the allowed methods.
-                err = errors.MethodNotAllowed(headers={"Allow": exc.headers.get("Allow", "")})
-            elif exc.status == 413:
-                err = errors.InvalidRequest("request body too large")
-            else:
-                status = exc.status
-                raise
-            status = err.status
-            return error_response(err)
         except asyncio.CancelledError:
             status = 499  # the client went away; nginx's name for it
             raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(errors.EngineError())
+        except Exception as exc:  # noqa: BLE001 - answer_error logs what is unexpected
+            if isinstance(exc, web.HTTPException):
+                status = exc.status  # kept if answer_error re-raises it
+            resp = answer_error(request, exc)
+            status = resp.status
+            return resp
         finally:
             metrics.in_flight -= 1
             resource = request.match_info.route.resource
@@ -90,6 +72,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     secrets = resolve_secrets(settings)
     app[OPENAPI] = openapi.document(demo_sign_in=secrets.development)
     app[BODY_TIMEOUT] = settings.client_timeout_s
+    app[METRICS] = metrics
     app[METRICS_PAGE] = MetricsPage(metrics)
     app[METRICS_TOKEN] = settings.metrics_token or ""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hmac
+import logging
 import re
 import time
 
@@ -39,13 +40,16 @@ OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 METRICS_TOKEN: web.AppKey[str] = web.AppKey("metrics_token", str)
 # Seconds a client has to deliver a body once its headers are in (COUPON_CLIENT_TIMEOUT).
 BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
+# The worker's tallies, which the middleware and the hot path both count into.
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 MAX_BODY = 4096
 _IDEM_RE = re.compile(IDEM_PATTERN)
+log = logging.getLogger("engine.app")
 _JSON = "application/json"
 
 
-def _authorization(request: web.Request) -> str | None:
+def _authorization(request: web.BaseRequest) -> str | None:
     """The Authorization header; credentials are ASCII, anything else is a 401 here.
 
     Bytes that are not UTF-8 reach aiohttp's headers as lone surrogates, which the
@@ -63,25 +67,57 @@ def json_response(payload: object, status: int = 200) -> web.Response:
 
 def error_response(exc: errors.EngineError) -> web.Response:
     """The contract's JSON error for an engine error (raised or returned)."""
-    resp = json_response(exc.body(), status=exc.status)
+    resp = web.Response(body=exc.encoded(), status=exc.status, content_type=_JSON)
     if exc.headers:
         resp.headers.update(exc.headers)
     return resp
 
 
-async def read_body(request: web.Request) -> bytes:
+def answer_error(request: web.BaseRequest, exc: Exception) -> web.Response:
+    """The contract's answer for what a handler raised: an engine error's JSON error,
+    aiohttp's own 404/405/413 in the contract's words, a 500 (logged) for anything
+    else. Other HTTP exceptions (none are raised by the handlers) are re-raised."""
+    if isinstance(exc, errors.EngineError):
+        resp = error_response(exc)
+        if not request.content.is_eof():
+            # Answered before its body arrived (too large, too slow): what is left
+            # of the body would be read as the next request. Close after answering.
+            resp.force_close()
+        return resp
+    if isinstance(exc, web.HTTPException):
+        if exc.status == 404:
+            err: errors.EngineError = errors.NotFound(f"no route {request.path}")
+        elif exc.status == 405:
+            # RFC 9110: a 405 names the allowed methods.
+            err = errors.MethodNotAllowed(headers={"Allow": exc.headers.get("Allow", "")})
+        elif exc.status == 413:
+            err = errors.InvalidRequest("request body too large")
+        else:
+            raise exc
+        return error_response(err)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(errors.EngineError())
+
+
+async def read_body(request: web.BaseRequest, timeout: float) -> bytes:
     """The whole body, however it arrives: in the headers' segment or after them, in
     pieces over a slow network, or chunked without a Content-Length. Stops at the
     limit (400) and after the client timeout (400; the connection is then closed)."""
+    content = request.content
+    if content.is_eof():
+        # All of it came with the headers (the usual case): no waiting, no timer.
+        data = content.read_nowait()
+        if len(data) > MAX_BODY:
+            raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
+        return data
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
     # ``read(n)`` returns what has arrived so far, not n bytes: read to the end.
     parts: list[bytes] = []
     size = 0
-    timeout = request.app[BODY_TIMEOUT]
     try:
         async with asyncio.timeout(timeout):
-            while chunk := await request.content.read(MAX_BODY + 1 - size):
+            while chunk := await content.read(MAX_BODY + 1 - size):
                 parts.append(chunk)
                 size += len(chunk)
                 if size > MAX_BODY:
@@ -92,8 +128,12 @@ async def read_body(request: web.Request) -> bytes:
     return b"".join(parts)
 
 
-async def _body(request: web.Request, decoder: msgspec.json.Decoder) -> object:
-    raw = await read_body(request)
+async def _body(request: web.BaseRequest, decoder: msgspec.json.Decoder,
+                timeout: float | None = None) -> object:
+    if timeout is None:
+        assert isinstance(request, web.Request)
+        timeout = request.app[BODY_TIMEOUT]
+    raw = await read_body(request, timeout)
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
@@ -102,19 +142,27 @@ async def _body(request: web.Request, decoder: msgspec.json.Decoder) -> object:
         raise errors.InvalidRequest(f"body is not valid JSON: {exc}") from None
 
 
-async def grab(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
+async def grab_answer(engine: Engine, body_timeout: float, request: web.BaseRequest,
+                      round_id: str) -> web.Response:
+    """POST /v1/rounds/{round_id}/grab, for the routed handler and the hot path."""
+    headers = request.headers
     member = engine.member(_authorization(request))
-    idem = request.headers.get("Idempotency-Key")
+    idem = headers.get("Idempotency-Key")
     if idem is not None and not _IDEM_RE.fullmatch(idem):
         raise errors.InvalidRequest("Idempotency-Key must be 1-64 printable ASCII characters")
-    body = await _body(request, grab_decoder)
+    body = await _body(request, grab_decoder, body_timeout)
     engine.rate_limit_member(member)
-    res = await engine.grab(member, request.match_info["round_id"],
-                            body.venue_id, idem)  # type: ignore[attr-defined]
+    res = await engine.grab(member, round_id, body.venue_id, idem)  # type: ignore[attr-defined]
     if isinstance(res, errors.EngineError):
         return error_response(res)
-    return json_response(CouponReply(res), status=201)
+    return web.Response(body=encoder.encode(CouponReply(res)), status=201,
+                        content_type=_JSON)
+
+
+async def grab(request: web.Request) -> web.Response:
+    app = request.app
+    return await grab_answer(app[ENGINE], app[BODY_TIMEOUT], request,
+                             request.match_info["round_id"])
 
 
 async def my_coupons(request: web.Request) -> web.Response:
@@ -153,12 +201,18 @@ async def venue_coupon(request: web.Request) -> web.Response:
     return json_response(CouponReply(coupon))
 
 
-async def redeem(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
+async def redeem_answer(engine: Engine, body_timeout: float,
+                        request: web.BaseRequest) -> web.Response:
+    """POST /v1/venue/redemptions, for the routed handler and the hot path."""
     venue = await engine.venue(_authorization(request))
-    body = await _body(request, redeem_decoder)
+    body = await _body(request, redeem_decoder, body_timeout)
     coupon = await engine.redeem(venue, body.code)  # type: ignore[attr-defined]
     return json_response(CouponReply(coupon))
+
+
+async def redeem(request: web.Request) -> web.Response:
+    app = request.app
+    return await redeem_answer(app[ENGINE], app[BODY_TIMEOUT], request)
 
 
 async def venue_redemptions(request: web.Request) -> web.Response:
