@@ -813,8 +813,10 @@ def run(args: argparse.Namespace) -> int:
         q.note = f"{n_granted} members; {q.note}"
         if engine.issued() != before or q.statuses.get("201"):
             problems.append("quota phase issued coupons")
+        # New members (tokens the workers have not verified yet), like 3a's.
         phase("3b not yet open", f"{engine.base}/v1/rounds/R2/grab", "grab",
-              [str(tokens), str(threads), "/v1/rounds/R2/grab", ",".join(BIG_VENUES), "0"])
+              [str(tokens), str(threads), "/v1/rounds/R2/grab", ",".join(BIG_VENUES),
+               str(s2.next_index)])
         problems += engine.check() + engine.check("R2")
         if engine.issued("R2") != 0:
             problems.append("not-open phase issued coupons")

@@ -10,28 +10,43 @@ keeps the p99 near that mean. For each path and crowd size it prints answers/s,
 goodput (answers other than 503, per second), 503s, client timeouts, p50, p99, the
 mean and p99 / mean, and goodput as a share of the goodput at the smallest crowd.
 
-Paths: ``refusal`` is a grab in a round that opens tomorrow (409 round_not_open,
-new members, no Idempotency-Key: the worker answers without Redis); ``grab`` is a
-grab with stock left (201, a new member per request). Each run starts after the
-members of the previous one. The engine is `coupon-engine serve --workers N` on its
-embedded Redis (appendfsync always), started and stopped here, by pid.
+Paths: ``bare`` is bench.py's ceiling app (phase 1b: aiohttp + uvloop answering a
+fixed 200 to the same requests, N processes), the reference for what the machine
+and aiohttp do with that crowd; ``refusal`` is a grab in a round that opens
+tomorrow (409 round_not_open, new members, no Idempotency-Key: the worker answers
+without Redis); ``grab`` is a grab with stock left (201, a new member per
+request). Each run starts after the members of the previous one. The engine is
+`coupon-engine serve --workers N` on its embedded Redis (appendfsync always), and the
+ceiling app bench.py's; both are started and stopped here, by pid.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BIG_VENUES, WRK_GRAB, Engine, Result, run_wrk, write_tokens  # noqa: E402
+from bench import (  # noqa: E402
+    BIG_VENUES,
+    WRK_GRAB,
+    Engine,
+    Result,
+    run_wrk,
+    start_ceiling,
+    write_tokens,
+)
+from support import free_port  # noqa: E402
 
 
 @dataclass
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=600_000)
-    p.add_argument("--paths", default="refusal,grab")
+    p.add_argument("--paths", default="bare,refusal,grab")
     p.add_argument("--json", type=Path)
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
@@ -98,32 +113,55 @@ def main(argv: list[str] | None = None) -> int:
     script.write_text(WRK_GRAB)
     rows: list[Row] = []
     engine: Engine | None = None
+    ceiling: list[Any] = []
+
+    def cell(path: str, base: str, rid: str, conns: int, tokens: Path, start: int) -> int:
+        runs = []
+        for _ in range(args.repeat):
+            res = run_wrk(f"{path} c{conns}", f"{base}/v1/rounds/{rid}/grab", script,
+                          [str(tokens), str(args.wrk_threads), f"/v1/rounds/{rid}/grab",
+                           ",".join(BIG_VENUES), str(start)],
+                          conns, args.wrk_threads, args.duration)
+            start = res.next_index
+            runs.append(res)
+            time.sleep(1)  # let the closed connections drain between runs
+        row = row_of(path, conns, runs)
+        rows.append(row)
+        print(f"  {path} c={conns}: {row.rps:,.0f}/s goodput {row.goodput:,.0f}/s "
+              f"503s {row.shed} timeouts {row.timeouts} p99 {row.p99_ms:.0f} ms "
+              f"mean {row.mean_ms:.0f} ms", flush=True)
+        return start
+
     try:
+        print(f"overload: {args.workers} workers, {args.wrk_threads} wrk threads, "
+              f"{args.duration} s x{args.repeat} per cell", flush=True)
+        if "bare" in paths:
+            port = free_port()
+            ceiling = start_ceiling(port, args.workers)
+            bare_tokens = tmp / "bare-tokens.txt"
+            write_tokens(bare_tokens, "overload-bare-secret-0123456789abcdef", 20_000)
+            for conns in crowds:
+                cell("bare", f"http://127.0.0.1:{port}", "R1", conns, bare_tokens, 0)
+            for proc in ceiling:
+                if proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGTERM)
+                proc.join(10)
+            ceiling = []
         engine = Engine(tmp, args.workers)
         tokens = tmp / "tokens.txt"
         write_tokens(tokens, engine.member_secret, args.tokens)
         start = 0
-        print(f"overload: {args.workers} workers, {args.wrk_threads} wrk threads, "
-              f"{args.duration} s x{args.repeat} per cell", flush=True)
         for path in paths:
+            if path == "bare":
+                continue
             rid = "R2" if path == "refusal" else "R1"
             for conns in crowds:
-                runs = []
-                for _ in range(args.repeat):
-                    res = run_wrk(f"{path} c{conns}", f"{engine.base}/v1/rounds/{rid}/grab",
-                                  script, [str(tokens), str(args.wrk_threads),
-                                           f"/v1/rounds/{rid}/grab", ",".join(BIG_VENUES),
-                                           str(start)],
-                                  conns, args.wrk_threads, args.duration)
-                    start = res.next_index
-                    runs.append(res)
-                    time.sleep(1)  # let the closed connections drain between runs
-                row = row_of(path, conns, runs)
-                rows.append(row)
-                print(f"  {path} c={conns}: {row.rps:,.0f}/s goodput {row.goodput:,.0f}/s "
-                      f"503s {row.shed} timeouts {row.timeouts} p99 {row.p99_ms:.0f} ms "
-                      f"mean {row.mean_ms:.0f} ms", flush=True)
+                start = cell(path, engine.base, rid, conns, tokens, start)
     finally:
+        for proc in ceiling:
+            if proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+            proc.join(10)
         if engine is not None:
             engine.stop()
         if not args.keep:
