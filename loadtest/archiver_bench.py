@@ -1,14 +1,17 @@
 """CPU the ledger archiver spends per archived event (issue 19; docs/benchmarks.md).
 
     .venv/bin/python loadtest/archiver_bench.py [--events 20000] [--repeat 3]
-        [--baseline-ref main] [--shards 1]
+        [--prefill 200000] [--baseline-ref main] [--shards 1]
 
 Starts its own redis-server (EmbeddedRedis, the engine's settings), loads a campaign
 with the engine's load_campaign, and per repeat fills the campaign's stream with N
 grants (the engine's grab.lua, each with a 36-character Idempotency-Key as the app
 sends, distinct members, 10 venues) and archives them; then redeems those N coupons
 (the engine's redeem.lua) and archives the N redemptions. So the events are the
-engine's real format, written by its real scripts.
+engine's real format, written by its real scripts. Before the first measured pass each
+ledger is given --prefill grants (half redeemed), archived the same way and not
+measured: a ledger's cost per event grows with what it already holds (its indexes),
+and the bench's phases run on a ledger of a few hundred thousand events.
 
 Each archive pass runs in a fresh child process, as ``coupon-engine archive`` does
 (``engine.ledger.cli._archive`` under uvloop: open the client, ``archive_once``, which
@@ -168,16 +171,29 @@ def run(args: argparse.Namespace) -> int:
         results: dict[str, dict[str, list[float]]] = {
             name: {"grant": [], "redeem": [], "grant_redis": [], "redeem_redis": [],
                    "grant_wall": [], "redeem_wall": []} for name, _ in variants}
-        # A first pass creates the consumer group and copies the campaign into each ledger.
+        # A first pass creates the consumer group, copies the campaign into each ledger
+        # and archives --prefill grants there (half of them redeemed): what the ledger
+        # already holds when the measured passes run. Every pass after it adds to it.
+        def ledger_of(name: str) -> Path:
+            return tmp / f"{name[:3]}.sqlite"
         for name, root in variants:
-            archive_pass(root, node.url, tmp / f"{name[:3]}-warm.sqlite")
+            done = 0
+            while done < args.prefill:
+                n = min(50_000, args.prefill - done)
+                granted = fill_grants(n)
+                archive_pass(root, node.url, ledger_of(name))
+                fill_redeems(granted[: n // 2])
+                archive_pass(root, node.url, ledger_of(name))
+                done += n
+            archive_pass(root, node.url, ledger_of(name))
         print(f"archiver_bench: {args.events} grants + {args.events} redemptions per pass, "
-              f"{args.shards} shard(s), {args.repeat} repeat(s), "
+              f"{args.shards} shard(s), {args.repeat} repeat(s), ledgers prefilled with "
+              f"{args.prefill} grants, "
               f"Redis {r.info('server')['redis_version']}")
         for rep in range(args.repeat):
             order = variants if rep % 2 == 0 else variants[::-1]
             for name, root in order:
-                ledger = tmp / f"{name[:3]}-{rep}.sqlite"
+                ledger = ledger_of(name)
                 granted = fill_grants(args.events)
                 g = measured(root, ledger, args.events)
                 fill_redeems(granted)
@@ -214,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=20_000,
                    help="grants (and then redemptions) archived per pass")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--prefill", type=int, default=200_000,
+                   help="grants (half of them redeemed) each ledger holds before the first"
+                        " measured pass")
     p.add_argument("--shards", type=int, default=1, help="stock shards of the campaign")
     p.add_argument("--baseline-ref", default="",
                    help="also run a git worktree of this commit, interleaved")
