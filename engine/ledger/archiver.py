@@ -87,41 +87,13 @@ async def _write(ledger: Ledger, cid: str, shard: int,
     return await asyncio.to_thread(ledger.insert_events, cid, live)
 
 
-# XACK of this consumer's pending entries from ARGV[2] to ARGV[3] (at most ARGV[4] of
-# them): a batch of new entries is acknowledged by its first and last id, Redis listing
-# the ids itself, instead of the client sending each of them (redis-py's packing of a
-# thousand ids cost the archiver more CPU than Redis spends on the list).
-# KEYS[1] stream; ARGV group, first id, last id, count, consumer. Returns the acked count.
-ACK_RANGE = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
-  ARGV[5])
-local ids, n = {}, 0
-for i, e in ipairs(p) do ids[i] = e[1] end
-for i = 1, #ids, 1000 do
-  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, #ids)))
-end
-return n
-"""
-# Fewer entries than this are acknowledged by their ids.
-ACK_RANGE_MIN = 64
-
-
 async def _process(client: AnyClient, ledger: Ledger, cid: str, shard: int,
                    stream: str, entries: list[tuple[str, dict[str, str]]],
-                   crash: CrashPoint, consumer: str | None = None) -> int:
-    """Write a batch, then acknowledge it. ``consumer`` is given for a batch of new
-    entries (read with '>'): those are consecutive in the stream and the only ones of
-    this consumer's pending entries between the first and the last (its older ones
-    were all acknowledged before it read new ones; one that another process of the
-    same name read lies outside the range), so they are acknowledged by range."""
+                   crash: CrashPoint) -> int:
     crash.at("after_read")
     new = await _write(ledger, cid, shard, entries)
     crash.at("after_commit")
-    if consumer is not None and len(entries) >= ACK_RANGE_MIN:
-        await client.eval(ACK_RANGE, 1, stream, GROUP, entries[0][0], entries[-1][0],
-                          len(entries), consumer)
-    else:
-        await client.xack(stream, GROUP, *[eid for eid, _ in entries])
+    await client.xack(stream, GROUP, *[eid for eid, _ in entries])
     return new
 
 
@@ -225,8 +197,7 @@ async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: in
         entries = _entries(resp)
         if not entries:
             break
-        total += await _process(client, ledger, cid, shard, stream, entries, crash,
-                                consumer)
+        total += await _process(client, ledger, cid, shard, stream, entries, crash)
         tick(len(entries))
     return total
 
