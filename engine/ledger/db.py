@@ -130,10 +130,11 @@ _INSERT_EVENT = (
     " venue_id, member_id, at_ms, restocked, idem_key) VALUES (?,?,?,?,?,?,?,?,?,?)")
 # Types a batch may hold to take insert_events' batched path (no audit row to write).
 _BATCHED = frozenset(("grant", "redeem", "void"))
-# The page cache of a ledger connection, in KiB: the coupons' code index takes a random
-# page per new coupon, and SQLite's default (2 MiB) made the archiver read pages back
-# from the OS on every batch once a campaign held some 100,000 coupons.
-CACHE_KIB = 65536
+# The page cache of a connection that writes events, in KiB: the coupons' code index
+# takes a random page per new coupon, and SQLite's default (2 MiB) made the archiver
+# read pages back from the OS on every batch once a campaign held some 100,000 coupons.
+# Set on the first insert_events only, so the readers (reconcile, report) keep theirs.
+WRITER_CACHE_KIB = 65536
 
 # SQLite allows 999 bound parameters in old builds; stay under it.
 CHUNK = 900
@@ -256,9 +257,9 @@ class Ledger:
         # FULL: a commit is on disk before XACK tells Redis it may forget the entry.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self.db.executescript(SCHEMA)
         self._migrate()
+        self._writer_cache = False
 
     def _migrate(self) -> None:
         """Bring a ledger file written by an older version up to this schema.
@@ -315,6 +316,9 @@ class Ledger:
         """
         if not entries:
             return 0
+        if not self._writer_cache:
+            self.db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+            self._writer_cache = True
         if all(f.get("type") in _BATCHED for _, f in entries):
             new = self._insert_batched(campaign_id, entries)
             if new is not None:
