@@ -67,6 +67,9 @@ from engine.ledger import cli
 from engine.ledger.db import Ledger
 
 async def main():
+    if len(sys.argv) > 4:
+        from engine.ledger import archiver
+        archiver.archive_once.__kwdefaults__["batch"] = int(sys.argv[4])
     with Ledger(sys.argv[3]) as ledger:
         t0 = time.process_time()
         w0 = time.perf_counter()
@@ -87,9 +90,10 @@ def redis_cpu(r: object) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-def archive_pass(root: Path, url: str, ledger: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(root), url, str(ledger)],
-                         check=True, capture_output=True, text=True)
+def archive_pass(root: Path, url: str, ledger: Path, batch: int = 0) -> dict[str, float]:
+    argv = [sys.executable, "-c", CHILD, str(root), url, str(ledger)]
+    out = subprocess.run(argv + ([str(batch)] if batch else []), check=True,
+                         capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -100,12 +104,17 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="coupon-archbench-"))
     node = EmbeddedRedis(tmp / "redis")
     variants: list[tuple[str, Path]] = [("new", REPO)]
+    batches = {"new": 0}
+    for b in args.compare_batch:
+        variants.append((f"new, batch {b}", REPO))
+        batches[f"new, batch {b}"] = b
     worktree: Path | None = None
     if args.baseline_ref:
         worktree = tmp / "baseline"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree),
                         args.baseline_ref], check=True, capture_output=True)
         variants.insert(0, (f"old ({args.baseline_ref})", worktree))
+        batches[f"old ({args.baseline_ref})"] = 0
     node.start()
     try:
         now = datetime.now(UTC)
@@ -163,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
                         if int(rep[0]) != 0:
                             raise SystemExit(f"redeem refused: {rep}")
 
-        def measured(root: Path, ledger: Path, n: int) -> dict[str, float]:
+        def measured(root: Path, ledger: Path, n: int, batch: int) -> dict[str, float]:
             c0 = redis_cpu(r)
-            res = archive_pass(root, node.url, ledger)
+            res = archive_pass(root, node.url, ledger, batch)
             res["redis_s"] = redis_cpu(r) - c0
             if res["new"] != n:
                 raise SystemExit(f"archived {res['new']} new events, expected {n}")
@@ -179,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         # and archives --prefill grants there (half of them redeemed): what the ledger
         # already holds when the measured passes run. Every pass after it adds to it.
         def ledger_of(name: str) -> Path:
-            return tmp / f"{name[:3]}.sqlite"
+            return tmp / f"{variants.index(next(v for v in variants if v[0] == name))}.sqlite"
         for name, root in variants:
             done = 0
             while done < args.prefill:
@@ -199,9 +208,9 @@ def run(args: argparse.Namespace) -> int:
             for name, root in order:
                 ledger = ledger_of(name)
                 granted = fill_grants(args.events)
-                g = measured(root, ledger, args.events)
+                g = measured(root, ledger, args.events, batches[name])
                 fill_redeems(granted)
-                d = measured(root, ledger, args.events)
+                d = measured(root, ledger, args.events, batches[name])
                 res = results[name]
                 for kind, m in (("grant", g), ("redeem", d)):
                     res[kind].append(m["cpu_s"] * 1e6 / args.events)
@@ -241,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="grants (half of them redeemed) each ledger holds before the first"
                         " measured pass")
     p.add_argument("--shards", type=int, default=1, help="stock shards of the campaign")
+    p.add_argument("--compare-batch", type=int, action="append", default=[],
+                   help="also run this checkout with archive_once's batch (XREADGROUP COUNT"
+                        " and entries per SQLite transaction) set to this; repeatable")
     p.add_argument("--baseline-ref", default="",
                    help="also run a git worktree of this commit, interleaved")
     return run(p.parse_args(argv))
