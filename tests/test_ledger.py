@@ -120,6 +120,45 @@ async def test_archive_once_moves_everything_once(world: World, aredis: aioredis
         assert led.campaign() == world.c
 
 
+def test_batched_insert_matches_one_by_one(tmp_path: Path) -> None:
+    """insert_events' batched path (runs of one type, executemany) leaves the same rows as
+    the row-by-row path, for a batch mixing types and codes, a partly re-delivered batch
+    and one with an operator's action in it."""
+    def ev(i: int, etype: str, code: str, **extra: str) -> tuple[str, dict[str, str]]:
+        f = {"type": etype, "code": code * 17, "round": "R1", "venue": "V01", "member": code,
+             "at": str(100 + i), **extra}
+        return f"{i}-0", f
+    first = [ev(1, "grant", "A", idem=""), ev(2, "grant", "B", idem="k"), ev(3, "redeem", "A"),
+             ev(4, "void", "B", restocked="1"), ev(5, "grant", "C", idem=""), ev(6, "void", "A",
+                                                                               restocked="0")]
+    again = first[4:] + [ev(7, "redeem", "C"), ev(8, "grant", "D", idem="")]
+    audit = [ev(9, "reverse", "C", actor="op", reason="r"), ev(10, "grant", "E", idem="")]
+
+    def tables(led: Ledger) -> tuple[list[tuple], list[tuple]]:
+        return (led.db.execute("SELECT * FROM events ORDER BY event_id").fetchall(),
+                led.db.execute("SELECT * FROM coupons ORDER BY code").fetchall())
+
+    with Ledger(tmp_path / "a.sqlite3") as fast, Ledger(tmp_path / "b.sqlite3") as slow:
+        assert [fast.insert_events("c", b) for b in (first, again, audit)] == [6, 2, 2]
+        assert [slow._insert_one_by_one("c", b) for b in (first, again, audit)] == [6, 2, 2]
+        assert tables(fast) == tables(slow)
+        status = dict(fast.db.execute("SELECT code, status FROM coupons"))
+        assert status == {"A" * 17: "redeemed", "B" * 17: "void", "C" * 17: "issued",
+                          "D" * 17: "issued", "E" * 17: "issued"}
+
+
+def test_events_code_index_is_dropped_on_open(tmp_path: Path) -> None:
+    """v4: a ledger written by an older version loses its (unused) events_code index."""
+    path = tmp_path / "old.sqlite3"
+    with Ledger(path) as led:
+        led.db.execute("CREATE INDEX events_code ON events (code)")
+    with Ledger(path) as led:
+        names = {r[0] for r in led.db.execute("SELECT name FROM sqlite_master"
+                                              " WHERE type = 'index'")}
+        assert "events_code" not in names
+        assert "events_venue_type" in names
+
+
 def test_redelivery_is_harmless(tmp_path: Path) -> None:
     entries = [("1-0", {"type": "grant", "code": "A" * 17, "round": "R1", "venue": "V01",
                         "member": "m", "at": "5"}),
