@@ -149,6 +149,7 @@ def bare_app() -> Any:
 async def main_async(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from engine import campaign as cmp
     from engine.auth import mint_member_token
     from engine.config import Settings
     from engine.http.app import create_app
@@ -156,7 +157,6 @@ async def main_async(args: argparse.Namespace) -> int:
     from engine.store import load_campaign
     from engine.store.connection import open_client
     from engine.store.embedded import EmbeddedRedis
-    from engine import campaign as cmp
 
     tmp = Path(tempfile.mkdtemp(prefix="coupon-inproc-"))
     redis = EmbeddedRedis(tmp / "redis")

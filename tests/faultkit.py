@@ -44,6 +44,7 @@ import redis
 
 from engine.auth import mint_member_token
 from engine.store import keys as K
+from engine.store import records
 from engine.store.embedded import EmbeddedRedis
 
 CLI = [sys.executable, "-m", "engine.cli"]
@@ -386,7 +387,7 @@ def check_invariants(redis_url: str, ledger_path: Path | None = None,
         for m in sorted(members):
             mine = per_member.get(m, [])
             counters = {f: int(v) for f, v in r.hgetall(k.member(m)).items()}
-            listed = r.lrange(k.member_coupons(m), 0, -1)
+            listed = records.member_codes(r.hget(k.member(m), records.M_CODES))
             if sorted(listed) != sorted(mine):
                 problems.append(f"member {m}: code list {listed} != coupons {mine}")
             if counters.get("total", 0) != len(mine):
