@@ -386,8 +386,9 @@ def check_invariants(redis_url: str, ledger_path: Path | None = None,
         members |= set(per_member)
         for m in sorted(members):
             mine = per_member.get(m, [])
-            counters = {f: int(v) for f, v in r.hgetall(k.member(m)).items()}
-            listed = records.member_codes(r.hget(k.member(m), records.M_CODES))
+            held = r.hgetall(k.member(m))
+            listed = records.member_codes(held.pop(records.M_CODES, None))
+            counters = {f: int(v) for f, v in held.items()}
             if sorted(listed) != sorted(mine):
                 problems.append(f"member {m}: code list {listed} != coupons {mine}")
             if counters.get("total", 0) != len(mine):
