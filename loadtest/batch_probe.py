@@ -34,7 +34,7 @@ from engine.store import scripts  # noqa: E402
 from engine.store.embedded import EmbeddedRedis  # noqa: E402
 from engine.store.keys import Keys  # noqa: E402
 
-GRAB_KEYS = 9
+GRAB_KEYS = 8
 GRAB_ARGV = 6
 TTL = "86400"
 

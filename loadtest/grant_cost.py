@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 idem = str(uuid.uuid4()) if variant == "idem" else ""
                 call = scripts.grab_call(k, "R1", "V01", member, code, idem, 86400)
                 if i == args.grants // 2:
-                    sample = [str(x) for x in call[0][4:8 if idem else 7]]
+                    sample = [str(x) for x in call[0][4:7 if idem else 6]]
                 pipe.evalsha(sha, *scripts.flat(call))
                 if len(pipe) >= 500 or i == args.grants - 1:
                     granted += sum(1 for rep in pipe.execute() if int(rep[0]) == 0)

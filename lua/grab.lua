@@ -5,11 +5,11 @@
 --   2 round hash        cpn:{C}:round:<R>       (fields o, c, q, vf, vu; p while paused)
 --   3 stock hash        cpn:{C}:stock           (field <R>:<V> -> remaining)
 --   4 stats hash        cpn:{C}:stats           (field issued:<R>:<V>)
---   5 member hash       cpn:{C}:member:<M>      (fields total, r:<R>)
---   6 member list       cpn:{C}:mcoupons:<M>    (codes, newest first)
---   7 coupon hash       cpn:{C}:coupon:<code>   (the new coupon)
---   8 idempotency key   cpn:{C}:idem:<M>:<key>  (unused when ARGV[5] is '')
---   9 event stream      cpn:{C}:events
+--   5 member hash       cpn:{C}:member:<M>      (fields total, r:<R>, c: the member's codes,
+--                                                17 characters each, newest first)
+--   6 coupon hash       cpn:{C}:coupon:<code>   (the new coupon)
+--   7 idempotency key   cpn:{C}:idem:<M>:<key>  (unused when ARGV[5] is '')
+--   8 event stream      cpn:{C}:events
 -- ARGV
 --   1 round id
 --   2 venue id
@@ -35,7 +35,10 @@
 --  11 BAD_ARGUMENT        {11, now, message}
 --  12 ROUND_PAUSED        {12, now}
 --
--- Every check runs before the first write, so a refusal changes nothing.
+-- Every check runs before the first write, so a refusal changes nothing. A grant makes
+-- five writes (six with an Idempotency-Key): each one Redis runs, wraps and appends to the
+-- AOF costs CPU, so the member's counters and codes are one HSET of values read here
+-- (docs/benchmarks.md, "Redis CPU per grant").
 
 local function int_arg(s)
   -- tonumber accepts 'nan', 'inf', hex and exponents; a strict pattern does not.
@@ -67,7 +70,7 @@ end
 
 local fingerprint = round_id .. '/' .. venue_id
 if use_idem then
-  local prior = redis.call('GET', KEYS[8])
+  local prior = redis.call('GET', KEYS[7])
   if prior then
     local fp, pcode, pissued, pfrom, puntil =
       string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
@@ -106,7 +109,7 @@ if r[6] then
   return {12, now}
 end
 
-local m = redis.call('HMGET', KEYS[5], 'total', 'r:' .. round_id)
+local m = redis.call('HMGET', KEYS[5], 'total', 'r:' .. round_id, 'c')
 local total, in_round = tonumber(m[1] or '0'), tonumber(m[2] or '0')
 if in_round >= round_quota then
   return {6, now}
@@ -118,23 +121,25 @@ end
 if remaining <= 0 then
   return {8, now}
 end
-if redis.call('EXISTS', KEYS[7]) == 1 then
+if redis.call('EXISTS', KEYS[6]) == 1 then
   return {10, now}
 end
 
--- All checks passed: write the grant.
-redis.call('HSET', KEYS[7],
+-- All checks passed: write the grant. now is formatted once (a number passed to
+-- redis.call is formatted on each call).
+local now_s = tostring(now)
+redis.call('HSET', KEYS[6],
   'round', round_id, 'venue', venue_id, 'member', member_id, 'status', 'issued',
-  'issued_at', now, 'valid_from', r[4], 'valid_until', r[5], 'closes_at', r[2])
-redis.call('LPUSH', KEYS[6], code)
+  'issued_at', now_s, 'valid_from', r[4], 'valid_until', r[5], 'closes_at', r[2])
 remaining = redis.call('HINCRBY', KEYS[3], stock_field, -1)
 redis.call('HINCRBY', KEYS[4], 'issued:' .. stock_field, 1)
-redis.call('HINCRBY', KEYS[5], 'total', 1)
-redis.call('HINCRBY', KEYS[5], 'r:' .. round_id, 1)
+-- The member's counters and codes (newest first) in one write; nothing else writes them.
+redis.call('HSET', KEYS[5], 'total', total + 1, 'r:' .. round_id, in_round + 1,
+  'c', code .. (m[3] or ''))
 if use_idem then
-  redis.call('SET', KEYS[8],
-    fingerprint .. '|' .. code .. '|' .. now .. '|' .. r[4] .. '|' .. r[5], 'EX', ttl)
+  redis.call('SET', KEYS[7],
+    fingerprint .. '|' .. code .. '|' .. now_s .. '|' .. r[4] .. '|' .. r[5], 'EX', ttl)
 end
-redis.call('XADD', KEYS[9], '*', 'type', 'grant', 'code', code, 'round', round_id,
-  'venue', venue_id, 'member', member_id, 'at', now, 'idem', idem_key)
+redis.call('XADD', KEYS[8], '*', 'type', 'grant', 'code', code, 'round', round_id,
+  'venue', venue_id, 'member', member_id, 'at', now_s, 'idem', idem_key)
 return {0, now, code, now, tonumber(r[4]), tonumber(r[5]), remaining}

@@ -44,6 +44,7 @@ import redis
 
 from engine.auth import mint_member_token
 from engine.store import keys as K
+from engine.store import records
 from engine.store.embedded import EmbeddedRedis
 
 CLI = [sys.executable, "-m", "engine.cli"]
@@ -385,8 +386,9 @@ def check_invariants(redis_url: str, ledger_path: Path | None = None,
         members |= set(per_member)
         for m in sorted(members):
             mine = per_member.get(m, [])
-            counters = {f: int(v) for f, v in r.hgetall(k.member(m)).items()}
-            listed = r.lrange(k.member_coupons(m), 0, -1)
+            held = r.hgetall(k.member(m))
+            listed = records.member_codes(held.pop(records.M_CODES, None))
+            counters = {f: int(v) for f, v in held.items()}
             if sorted(listed) != sorted(mine):
                 problems.append(f"member {m}: code list {listed} != coupons {mine}")
             if counters.get("total", 0) != len(mine):

@@ -38,6 +38,21 @@ async def test_grant_shape_and_my_coupons(make_engine, redis_url) -> None:
     assert codes == [body2["coupon"]["code"], c["code"]]  # newest first
 
 
+async def test_my_coupons_read_a_pre_issue_19_code_list(make_engine, redis_url) -> None:
+    # Before issue 19 grab.lua kept a member's codes in the list cpn:{C}:mcoupons:<M>;
+    # now in the member hash's c. A member granted before an upgrade keeps the older
+    # codes, listed after the newer ones.
+    e = await make_engine(campaign_toml(rounds=[open_round(redis_url, quota=2)]))
+    first = (await grab(e, "m1"))[1]["coupon"]["code"]
+    old = first.replace("-", "")
+    assert await e.redis.hget("cpn:{test-c}:member:m1", "c") == old
+    await e.redis.hdel("cpn:{test-c}:member:m1", "c")
+    await e.redis.rpush("cpn:{test-c}:mcoupons:m1", old)
+    second = (await grab(e, "m1", venue="V02"))[1]["coupon"]["code"]
+    resp = await e.client.get("/v1/me/coupons", headers=e.member("m1"))
+    assert [x["code"] for x in (await resp.json())["coupons"]] == [second, first]
+
+
 async def test_every_member_error_code_leaves_the_store_unchanged(make_engine, redis_url) -> None:
     now = redis_now(redis_url)
     rounds = [
@@ -126,7 +141,7 @@ async def test_same_idempotency_key_fifty_times(make_engine, redis_url) -> None:
     results = await asyncio.gather(*[grab(e, "m", key="same-key") for _ in range(50)])
     assert {s for s, _ in results} == {201}
     assert len({repr(b) for _, b in results}) == 1
-    assert await e.redis.llen("cpn:{test-c}:mcoupons:m") == 1
+    assert len(await e.redis.hget("cpn:{test-c}:member:m", "c") or "") == 17  # one code
 
 
 async def test_idempotency_key_is_per_member(make_engine, redis_url) -> None:

@@ -289,7 +289,10 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
             h[records.C_SETTLED] = str(settled[code])
         hashes[ks[cp.shard].coupon(code)] = h
     for mid, m in members.items():
-        hashes[ks[member_shards[mid]].member(mid)] = {f: str(n) for f, n in m.items()}
+        # grab.lua keeps the member's codes, newest first, in the member hash's 'c'.
+        hashes[ks[member_shards[mid]].member(mid)] = {
+            **{f: str(n) for f, n in m.items()},
+            records.M_CODES: "".join(reversed(member_codes[mid]))}
 
     rep.coupons = len(coupons)
     rep.issued = sum(1 for e in events if e.type == "grant")
@@ -301,8 +304,7 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
     rep.last_event_id = events[-1].event_id if events else None
     return Target(
         campaign_id=c.id, active=c.id, final_hashes=final_hashes, hashes=hashes,
-        lists={ks[member_shards[m]].member_coupons(m): codes[::-1]
-               for m, codes in member_codes.items()},
+        lists={},
         zsets={ks[sh].venue_redemptions(v): z for (sh, v), z in redeemed.items() if z},
         expiring=idem,
         streams=[Stream(k.events, last_in_shard[sh], entries_in_shard[sh])

@@ -58,11 +58,13 @@ class Keys:
         return f"{self.tag}:stats"
 
     def member(self, member_id: str) -> str:
-        """Hash: 'total' and 'r:<round>' -> coupons the member was granted."""
+        """Hash: 'total' and 'r:<round>' -> coupons the member was granted; 'c' -> the
+        member's codes, newest first, concatenated (17 characters each)."""
         return f"{self.tag}:member:{member_id}"
 
     def member_coupons(self, member_id: str) -> str:
-        """List: the member's codes, newest first."""
+        """List: the member's codes, newest first, as grab.lua kept them before issue 19
+        (now the member hash's 'c'); only read, for members granted before then."""
         return f"{self.tag}:mcoupons:{member_id}"
 
     def coupon(self, code: str) -> str:

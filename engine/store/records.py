@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import campaign as cmp
+from .. import codes
 from ..campaign import Campaign, Overrides, Round
 from ..domain import CouponState
 
@@ -26,6 +27,21 @@ C_CLOSES_AT = "closes_at"  # the round's close: void.lua restocks only before it
 C_REDEEMED_AT = "redeemed_at"
 C_VOIDED_AT = "voided_at"
 C_SETTLED = "settled"  # ms when `settle` paid it (mark_settled.lua); reverse.lua refuses then
+
+# Member hash cpn:{C}:member:<M> (grab.lua writes it, in one HSET per grant): total and
+# r:<R> count the coupons granted (never decremented); c holds the member's codes, newest
+# first, concatenated (each canonical code is CODE_LEN characters).
+M_TOTAL = "total"
+M_ROUND_PREFIX = "r:"
+M_CODES = "c"
+CODE_LEN = codes.CODE_LEN
+
+
+def member_codes(joined: str | None) -> list[str]:
+    """The member hash's ``c`` field as codes, newest first."""
+    s = joined or ""
+    return [s[i:i + CODE_LEN] for i in range(0, len(s), CODE_LEN)]
+
 
 # Round hash cpn:{C}:round:<R>: besides round_fields, the operators' pause (pause.lua,
 # resume.lua): p = paused since (ms; present only while paused, grab.lua reads it),

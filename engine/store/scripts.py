@@ -208,8 +208,7 @@ def grab_call(k: ShardKeys, round_id: str, venue_id: str, member_id: str, code: 
               idem_key: str, ttl_s: int) -> Call:
     """grab.lua: ``idem_key`` is the request's Idempotency-Key, '' for none."""
     return ([k.campaign, k.round(round_id), k.stock, k.stats, k.member(member_id),
-             k.member_coupons(member_id), k.coupon(code), k.idempotency(member_id, idem_key),
-             k.events],
+             k.coupon(code), k.idempotency(member_id, idem_key), k.events],
             [round_id, venue_id, member_id, code, idem_key, ttl_s])
 
 

@@ -355,9 +355,12 @@ class Store:
         return records.coupon_state(code, rec) if rec else None
 
     async def member_coupons(self, member_id: str) -> list[CouponState]:
-        # A member's list and coupons are all in the member's shard (one slot).
+        # A member's hash and coupons are all in the member's shard (one slot). Codes
+        # granted before issue 19 are in the older list key, after the hash's.
         k = self.shard_keys[self.member_shard(member_id)]
-        codes_ = await guarded(self.redis.lrange(k.member_coupons(member_id), 0, -1))
+        joined = await guarded(self.redis.hget(k.member(member_id), records.M_CODES))
+        legacy = await guarded(self.redis.lrange(k.member_coupons(member_id), 0, -1))
+        codes_ = records.member_codes(joined) + list(legacy)
         return await self._coupons([(c, k) for c in codes_])
 
     async def venue_redemptions(self, venue_id: str, since_ms: int,
