@@ -178,9 +178,6 @@ class Result:
 # --- phase 1: the ceiling app ------------------------------------------------------------
 
 def _ceiling_worker(port: int) -> None:
-    import asyncio
-
-    import uvloop
     from aiohttp import web
 
     body = b'{"ok":true}'
@@ -188,10 +185,21 @@ def _ceiling_worker(port: int) -> None:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
+    app = web.Application()
+    app.router.add_get("/", hello)
+    app.router.add_post("/v1/rounds/{round_id}/grab", hello)
+    serve_forever(app, port)
+
+
+def serve_forever(app: Any, port: int) -> None:
+    """Serve an aiohttp app on 127.0.0.1:port (SO_REUSEPORT, as the engine's workers)
+    under uvloop until SIGTERM: one process of a ceiling or probe app."""
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
+
     async def run() -> None:
-        app = web.Application()
-        app.router.add_get("/", hello)
-        app.router.add_post("/v1/rounds/{round_id}/grab", hello)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=4096).start()

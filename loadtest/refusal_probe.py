@@ -41,6 +41,7 @@ from bench import (  # noqa: E402
     Engine,
     role_cpu,
     run_wrk,
+    serve_forever,
     wait_http,
     write_tokens,
 )
@@ -50,11 +51,9 @@ SECRET = "probe-secret-0123456789abcdef0123456789"
 
 
 def _app_worker(port: int, variant: str) -> None:
-    import asyncio
     import re
 
     import msgspec
-    import uvloop
     from aiohttp import web
 
     from engine.auth import MemberVerifier
@@ -92,17 +91,10 @@ def _app_worker(port: int, variant: str) -> None:
     handlers = {"bare": bare, "minimal": minimal, "read": read_only, "jwt": jwt_only,
                 "s409": status_409}
 
-    async def run() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/rounds/{round_id}/grab", handlers[variant])
-        app.router.add_get("/", bare)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=4096).start()
-        await asyncio.Event().wait()
-
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    uvloop.run(run())
+    app = web.Application()
+    app.router.add_post("/v1/rounds/{round_id}/grab", handlers[variant])
+    app.router.add_get("/", bare)
+    serve_forever(app, port)
 
 
 class AppVariant:
