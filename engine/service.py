@@ -183,11 +183,6 @@ class WorkerState:
         if CAMPAIGN_WIDE in known:
             return GrabOutcome.CAMPAIGN_QUOTA
         return None
-        if round_id in known:
-            return GrabOutcome.ROUND_QUOTA
-        if CAMPAIGN_WIDE in known:
-            return GrabOutcome.CAMPAIGN_QUOTA
-        return None
 
     def redis_now_ms(self) -> float:
         return time.time() * 1000 + self.clock_offset_ms
@@ -283,6 +278,7 @@ class Engine:
             return self.refusal(errors.RoundNotOpen, r.opens_at_ms)
         # The rest of what the worker knows, in grab.lua's order of checks; each still
         # lets a keyed retry of a granted request through to its replay.
+        line = line_key(round_id, venue_id)
         known = None
         if now > r.closes_at_ms + CLOCK_MARGIN_MS:
             known = GrabOutcome.ROUND_CLOSED
@@ -291,12 +287,11 @@ class Engine:
         elif self.state.at_quota and (
                 quota := self.state.quota_refusal(member_id, round_id)) is not None:
             known = quota
-        elif line_key(round_id, venue_id) in self.state.sold_out:
+        elif line in self.state.sold_out:
             known = GrabOutcome.SOLD_OUT
         if known is not None and not await self._may_replay(member_id, idem_key):
             self.metrics.grab(round_id, known.name.lower())
             return self.refusal(GRAB_REFUSALS[known])
-        line = line_key(round_id, venue_id)
         with self.metrics.script("grab"):
             res = await self.store.grab(round_id, venue_id, member_id, idem_key)
         if res.outcome is GrabOutcome.SOLD_OUT and self.store.shards > 1:

@@ -188,8 +188,9 @@ def build(c: Campaign, events: Sequence[EventRow], now_ms: int,
                 rd.valid_from_ms, rd.valid_until_ms), rd.closes_at_ms, shard)
             member_shards[e.member_id] = shard
             m = members.setdefault(e.member_id, {})
-            m["total"] = m.get("total", 0) + 1
-            m[f"r:{e.round_id}"] = m.get(f"r:{e.round_id}", 0) + 1
+            in_round = records.M_ROUND_PREFIX + e.round_id
+            m[records.M_TOTAL] = m.get(records.M_TOTAL, 0) + 1
+            m[in_round] = m.get(in_round, 0) + 1
             member_codes.setdefault(e.member_id, []).append(e.code)
             bump(shard, "issued", line)
             expires = e.at_ms + idempotency_ttl_s * 1000

@@ -11,6 +11,7 @@ the HTTP layer answers 503.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -358,8 +359,9 @@ class Store:
         # A member's hash and coupons are all in the member's shard (one slot). Codes
         # granted before issue 19 are in the older list key, after the hash's.
         k = self.shard_keys[self.member_shard(member_id)]
-        joined = await guarded(self.redis.hget(k.member(member_id), records.M_CODES))
-        legacy = await guarded(self.redis.lrange(k.member_coupons(member_id), 0, -1))
+        joined, legacy = await asyncio.gather(
+            guarded(self.redis.hget(k.member(member_id), records.M_CODES)),
+            guarded(self.redis.lrange(k.member_coupons(member_id), 0, -1)))
         codes_ = records.member_codes(joined) + list(legacy)
         return await self._coupons([(c, k) for c in codes_])
 
