@@ -30,7 +30,6 @@ Everything it starts is stopped by pid.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import statistics
@@ -44,12 +43,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from support import campaign_toml  # noqa: E402
+from support import campaign_toml, load_campaign_text  # noqa: E402
 
 from engine import codes  # noqa: E402
-from engine.campaign import parse_campaign  # noqa: E402
 from engine.store import (
-    load_campaign,  # noqa: E402
     scripts,  # noqa: E402
 )
 from engine.store.embedded import EmbeddedRedis  # noqa: E402
@@ -99,7 +96,6 @@ def archive_pass(root: Path, url: str, ledger: Path, batch: int = 0) -> dict[str
 
 def run(args: argparse.Namespace) -> int:
     import redis
-    import redis.asyncio as aioredis
 
     tmp = Path(tempfile.mkdtemp(prefix="coupon-archbench-"))
     node = EmbeddedRedis(tmp / "redis")
@@ -118,19 +114,13 @@ def run(args: argparse.Namespace) -> int:
     node.start()
     try:
         now = datetime.now(UTC)
-        per = 10 * args.events * args.repeat * len(variants)
+        # Stock for every grant of every pass, prefill included, on any one venue.
+        per = (args.prefill + args.events * args.repeat) * len(variants)
         text = campaign_toml(cid=CID, venues=VENUES, campaign_quota=3, budget_fen=10**13,
                              rounds=[{"id": "R1", "opens": now - timedelta(minutes=1),
                                       "closes": now + timedelta(hours=4), "quota": 1,
                                       "stock": {v: per for v in VENUES}}])
-
-        async def load() -> None:
-            c = aioredis.Redis(unix_socket_path=str(node.socket_path), decode_responses=True)
-            try:
-                await load_campaign(c, parse_campaign(text), shards=args.shards)
-            finally:
-                await c.aclose()
-        asyncio.run(load())
+        load_campaign_text(node.socket_path, text, shards=args.shards)
 
         r = redis.Redis(unix_socket_path=str(node.socket_path), decode_responses=True)
         base = Keys(CID)

@@ -19,7 +19,6 @@ and the AOF's growth on disk. Everything it starts is stopped by pid.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import sys
 import tempfile
@@ -30,12 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from support import campaign_toml  # noqa: E402
+from support import campaign_toml, load_campaign_text  # noqa: E402
 
 from engine import codes  # noqa: E402
-from engine.campaign import parse_campaign  # noqa: E402
 from engine.store import (
-    load_campaign,  # noqa: E402
     scripts,  # noqa: E402
 )
 from engine.store.embedded import EmbeddedRedis  # noqa: E402
@@ -50,7 +47,6 @@ def aof_bytes(directory: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     import redis
-    import redis.asyncio as aioredis
 
     tmp = Path(tempfile.mkdtemp(prefix="coupon-cost-"))
     node = EmbeddedRedis(tmp / "redis")
@@ -61,14 +57,7 @@ def run(args: argparse.Namespace) -> int:
                              rounds=[{"id": "R1", "opens": now - timedelta(minutes=1),
                                       "closes": now + timedelta(hours=2), "quota": 1,
                                       "stock": {"V01": 10_000_000}}])
-
-        async def load() -> None:
-            c = aioredis.Redis(unix_socket_path=str(node.socket_path), decode_responses=True)
-            try:
-                await load_campaign(c, parse_campaign(text))
-            finally:
-                await c.aclose()
-        asyncio.run(load())
+        load_campaign_text(node.socket_path, text)
 
         r = redis.Redis(unix_socket_path=str(node.socket_path), decode_responses=True)
         k = Keys(CID)

@@ -28,7 +28,6 @@ prints what reading the grant events costs Redis per event, the archiver's way
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import statistics
 import subprocess
@@ -44,10 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import redis  # noqa: E402
-from support import campaign_toml  # noqa: E402
+from support import campaign_toml, load_campaign_text  # noqa: E402
 
-from engine.campaign import parse_campaign  # noqa: E402
-from engine.store import load_campaign, scripts  # noqa: E402
+from engine.store import scripts  # noqa: E402
 from engine.store.embedded import EmbeddedRedis  # noqa: E402
 from engine.store.keys import Keys  # noqa: E402
 
@@ -93,20 +91,12 @@ def start(directory: Path) -> EmbeddedRedis:
 
 
 def load(node: EmbeddedRedis) -> None:
-    import redis.asyncio as aioredis
     now = datetime.now(UTC)
     text = campaign_toml(cid=CID, venues=["V01"], campaign_quota=3, budget_fen=10**12,
                          rounds=[{"id": "R1", "opens": now - timedelta(minutes=1),
                                   "closes": now + timedelta(hours=2), "quota": 1,
                                   "stock": {"V01": 10_000_000}}])
-
-    async def go() -> None:
-        c = aioredis.Redis(unix_socket_path=str(node.socket_path), decode_responses=True)
-        try:
-            await load_campaign(c, parse_campaign(text))
-        finally:
-            await c.aclose()
-    asyncio.run(go())
+    load_campaign_text(node.socket_path, text)
 
 
 def one_run(directory: Path, source: str, layout: Layout, conns: int, pipeline: int,

@@ -81,6 +81,25 @@ def campaign_toml(*, cid: str, venues: list[str], rounds: list[dict[str, object]
     return "\n".join(out)
 
 
+def load_campaign_text(socket_path: Path, text: str, shards: int = 1) -> None:
+    """Load a campaign file's text into a private redis-server (its unix socket) with
+    the engine's own load_campaign, as `coupon-engine campaign load` would."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from engine.campaign import parse_campaign
+    from engine.store import load_campaign
+
+    async def go() -> None:
+        c = aioredis.Redis(unix_socket_path=str(socket_path), decode_responses=True)
+        try:
+            await load_campaign(c, parse_campaign(text), shards=shards)
+        finally:
+            await c.aclose()
+    asyncio.run(go())
+
+
 def smoke_campaign(opens_in_s: float, stock: int, n_venues: int, round_quota: int = 1) -> str:
     """One round opening `opens_in_s` from now, `stock` coupons spread over `n_venues`."""
     venues = [f"V{i:02d}" for i in range(1, n_venues + 1)]
