@@ -11,8 +11,7 @@ unknown code at the store, nothing worse.
 
 from __future__ import annotations
 
-import base64
-import secrets
+import os
 
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _VALUE = {ch: i for i, ch in enumerate(ALPHABET)}
@@ -24,8 +23,15 @@ _FOLD = str.maketrans({"I": "1", "L": "1", "O": "0"})
 _DROP = str.maketrans("", "", " -\t")
 # Luhn addend of a symbol in a doubled position: 2v folded back into one digit mod N.
 _DOUBLED = {ch: (2 * v) // _N + (2 * v) % _N for ch, v in _VALUE.items()}
-# RFC 4648 base32 symbols to Crockford symbols of the same value.
-_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", ALPHABET.encode())
+# The two symbols each 10-bit group of the random payload spells, and their Luhn
+# addend: in a 16-symbol payload, counted from the right, odd indices are doubled,
+# so a pair (even index, odd index) adds value + doubled (see ``check_char``). A
+# grant draws a code on every grab: 8 look-ups instead of base64's pure-Python
+# b32encode and a second pass for the check (4.6 -> 2.1 us).
+_PAIRS = tuple(ALPHABET[i >> 5] + ALPHABET[i & 31] for i in range(1024))
+_PAIR_ADDEND = tuple(_VALUE[ALPHABET[i >> 5]] + _DOUBLED[ALPHABET[i & 31]]
+                     for i in range(1024))
+_SHIFTS = (70, 60, 50, 40, 30, 20, 10, 0)
 
 
 def check_char(payload: str) -> str:
@@ -48,10 +54,20 @@ def _luhn_ok(code: str) -> bool:
 
 def new_code() -> str:
     """A fresh canonical code: 16 random symbols (80 bits) and its check."""
-    # 10 random bytes are exactly 16 base32 symbols, with no padding.
-    payload = base64.b32encode(secrets.token_bytes(PAYLOAD_LEN * 5 // 8)) \
-        .translate(_FROM_RFC4648).decode()
-    return payload + check_char(payload)
+    return code_for(os.urandom(PAYLOAD_LEN * 5 // 8))
+
+
+def code_for(raw: bytes) -> str:
+    """The code whose payload spells these 10 bytes, most significant bits first (the
+    symbols RFC 4648 base32 gives, in Crockford's alphabet), with its check."""
+    x = int.from_bytes(raw, "big")
+    pairs = []
+    total = 0
+    for shift in _SHIFTS:
+        group = (x >> shift) & 1023
+        pairs.append(_PAIRS[group])
+        total += _PAIR_ADDEND[group]
+    return "".join(pairs) + ALPHABET[-total % _N]
 
 
 def normalize(text: str) -> str | None:

@@ -16,6 +16,8 @@ command -v chromium >/dev/null || need+=(chromium)
 if [ "${WITH_OPS_TOOLS:-0}" = 1 ]; then
   command -v prometheus >/dev/null || need+=(prometheus)
   command -v wrk >/dev/null || need+=(wrk)
+  # loadtest/ir_probe.py counts instructions per request under cachegrind.
+  command -v valgrind >/dev/null || need+=(valgrind)
   # Dashboards and alerts (tests/test_dashboards.py, tests/test_alerting.py).
   command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
   command -v prometheus-redis-exporter >/dev/null || need+=(prometheus-redis-exporter)

@@ -121,3 +121,27 @@ async def test_active_is_claimed_outside_the_campaign_transaction(redis_url: str
     await load_campaign(aredis, c)
     assert await aredis.get(keys.ACTIVE) == c.id
     assert (await active_campaign(aredis)) == c
+
+
+def test_rfc3339_agrees_with_datetime_to_the_millisecond() -> None:
+    """domain.rfc3339 (a cache by the second) against datetime.isoformat of the same
+    instant, in the campaign's zones and across a daylight-saving change, before and
+    after the epoch, with and without milliseconds."""
+    import random
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from engine.domain import rfc3339
+
+    def reference(ms: int, tz: str) -> str:
+        dt = datetime.fromtimestamp(ms / 1000, tz=ZoneInfo(tz))
+        return dt.isoformat(timespec="milliseconds" if ms % 1000 else "seconds")
+
+    rng = random.Random(7)
+    # 2026-03-08 07:00 UTC: New York's clocks go forward an hour.
+    dst = 1_772_953_200_000
+    samples = [0, -1, 999, 1000, dst - 1, dst, dst + 1, dst + 999]
+    samples += [rng.randrange(-10**11, 4 * 10**12) for _ in range(5000)]
+    for tz in ("Asia/Shanghai", "UTC", "America/New_York", "Asia/Kolkata"):
+        for ms in samples:
+            assert rfc3339(ms, tz) == reference(ms, tz), (ms, tz)

@@ -1,4 +1,10 @@
+import base64
+import os
+
 from engine import codes
+
+# RFC 4648 base32 symbols to Crockford's, which new_code once spelled codes with.
+_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", codes.ALPHABET.encode())
 
 
 def test_new_codes_are_valid_distinct_and_display_grouped() -> None:
@@ -9,6 +15,15 @@ def test_new_codes_are_valid_distinct_and_display_grouped() -> None:
         shown = codes.display(c)
         assert len(shown) == 21 and shown.count("-") == 4
         assert codes.normalize(shown) == c
+
+
+def test_codes_spell_their_bytes_as_base32_does() -> None:
+    """code_for (table look-ups) against the library it replaced: base64.b32encode of the
+    same 10 bytes in Crockford's symbols, and check_char's check of that payload."""
+    edges = [bytes(10), b"\xff" * 10, bytes(range(10)), b"\x80" + bytes(9)]
+    for raw in edges + [os.urandom(10) for _ in range(20_000)]:
+        payload = base64.b32encode(raw).translate(_FROM_RFC4648).decode()
+        assert codes.code_for(raw) == payload + codes.check_char(payload), raw
 
 
 def test_forgiving_reading() -> None:

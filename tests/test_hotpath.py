@@ -177,3 +177,61 @@ def test_the_token_cache_drops_the_least_recently_used(monkeypatch) -> None:
     assert v.verify(toks["a"]) == "a"   # a is now the most recently used
     assert v.verify(toks["d"]) == "d"   # the cache is full: b (the oldest) goes
     assert list(v._cache) == [toks["c"], toks["a"], toks["d"]]
+
+
+async def _raw_exchange(host: str, port: int, requests: list[bytes]) -> bytes:
+    """Send ``requests`` on one connection (pipelined) and read until it closes."""
+    import asyncio
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"".join(requests))
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def _request(path: str, version: str, headers: dict[str, str], body: bytes,
+             connection: str | None) -> bytes:
+    lines = [f"POST {path} HTTP/{version}", "Host: engine",
+             "Content-Type: application/json", f"Content-Length: {len(body)}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    if connection:
+        lines.append(f"Connection: {connection}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _without_date(data: bytes) -> bytes:
+    import re
+    return re.sub(rb"Date: [^\r]*\r\n", b"", data)
+
+
+@pytest.mark.parametrize(("version", "connection"), [
+    ("1.1", None), ("1.1", "close"), ("1.0", None), ("1.0", "keep-alive")])
+async def test_hot_answers_are_the_bytes_aiohttp_writes(make_engine, redis_url, version: str,
+                                                        connection: str | None) -> None:
+    """The hot path writes its answers itself (hot.RawAnswer): byte for byte what the
+    routed path (a web.Response) writes, Date aside, on every HTTP version and
+    connection kind, so a client cannot tell them apart; a kept-alive connection keeps
+    answering in order."""
+    now = redis_now(redis_url)
+    later = {"id": "R2", "opens": now + timedelta(days=1),
+             "closes": now + timedelta(days=1, hours=1), "quota": 1, "stock": {"V01": 5}}
+    e = await make_engine(campaign_toml(rounds=[later]))
+    host, port = e.client.server.host, e.client.server.port
+    body = b'{"venue_id": "V01"}'
+    keep = connection == "keep-alive" or (version == "1.1" and connection is None)
+    answers = []
+    for path in ("/v1/rounds/R2/grab", "/v1/rounds/R%32/grab"):   # hot, then routed
+        req = _request(path, version, e.member("m1"), body, connection)
+        # A kept-alive connection: the same request twice, then one that closes.
+        reqs = [req, req, _request(path, version, e.member("m1"), body, "close")] \
+            if keep else [req]
+        answers.append(_without_date(await _raw_exchange(host, port, reqs)))
+    hot, routed = answers
+    assert hot == routed
+    status = f"HTTP/{version} 409 Conflict\r\n".encode()
+    assert hot.startswith(status) and hot.count(status) == (3 if keep else 1)
+    assert (b"Connection: close\r\n" in hot) == (version == "1.1")
+    assert (b"Connection: keep-alive\r\n" in hot) == (version == "1.0" and keep)

@@ -8,6 +8,8 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -61,16 +63,29 @@ def _authorization(request: web.BaseRequest) -> str | None:
     return value
 
 
+class Answer(NamedTuple):
+    """A hot route's JSON answer before it is a response: the hot path writes it in one
+    piece (``hot.RawAnswer``), the routed handlers wrap it (``as_response``)."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] | None = None
+
+
+def as_response(answer: Answer) -> web.Response:
+    resp = web.Response(body=answer.body, status=answer.status, content_type=_JSON)
+    if answer.headers:
+        resp.headers.update(answer.headers)
+    return resp
+
+
 def json_response(payload: object, status: int = 200) -> web.Response:
     return web.Response(body=encoder.encode(payload), status=status, content_type=_JSON)
 
 
 def error_response(exc: errors.EngineError) -> web.Response:
     """The contract's JSON error for an engine error (raised or returned)."""
-    resp = web.Response(body=exc.encoded(), status=exc.status, content_type=_JSON)
-    if exc.headers:
-        resp.headers.update(exc.headers)
-    return resp
+    return as_response(Answer(exc.status, exc.encoded(), exc.headers))
 
 
 def answer_error(request: web.BaseRequest, exc: Exception) -> web.Response:
@@ -143,7 +158,7 @@ async def _body(request: web.BaseRequest, decoder: msgspec.json.Decoder,
 
 
 async def grab_answer(engine: Engine, body_timeout: float, request: web.BaseRequest,
-                      round_id: str) -> web.Response:
+                      round_id: str) -> Answer:
     """POST /v1/rounds/{round_id}/grab, for the routed handler and the hot path."""
     headers = request.headers
     member = engine.member(_authorization(request))
@@ -154,15 +169,14 @@ async def grab_answer(engine: Engine, body_timeout: float, request: web.BaseRequ
     engine.rate_limit_member(member)
     res = await engine.grab(member, round_id, body.venue_id, idem)  # type: ignore[attr-defined]
     if isinstance(res, errors.EngineError):
-        return error_response(res)
-    return web.Response(body=encoder.encode(CouponReply(res)), status=201,
-                        content_type=_JSON)
+        return Answer(res.status, res.encoded(), res.headers)
+    return Answer(201, encoder.encode(CouponReply(res)))
 
 
 async def grab(request: web.Request) -> web.Response:
     app = request.app
-    return await grab_answer(app[ENGINE], app[BODY_TIMEOUT], request,
-                             request.match_info["round_id"])
+    return as_response(await grab_answer(app[ENGINE], app[BODY_TIMEOUT], request,
+                                         request.match_info["round_id"]))
 
 
 async def my_coupons(request: web.Request) -> web.Response:
@@ -202,17 +216,17 @@ async def venue_coupon(request: web.Request) -> web.Response:
 
 
 async def redeem_answer(engine: Engine, body_timeout: float,
-                        request: web.BaseRequest) -> web.Response:
+                        request: web.BaseRequest) -> Answer:
     """POST /v1/venue/redemptions, for the routed handler and the hot path."""
     venue = await engine.venue(_authorization(request))
     body = await _body(request, redeem_decoder, body_timeout)
     coupon = await engine.redeem(venue, body.code)  # type: ignore[attr-defined]
-    return json_response(CouponReply(coupon))
+    return Answer(200, encoder.encode(CouponReply(coupon)))
 
 
 async def redeem(request: web.Request) -> web.Response:
     app = request.app
-    return await redeem_answer(app[ENGINE], app[BODY_TIMEOUT], request)
+    return as_response(await redeem_answer(app[ENGINE], app[BODY_TIMEOUT], request))
 
 
 async def venue_redemptions(request: web.Request) -> web.Response:
