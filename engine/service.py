@@ -520,8 +520,8 @@ class Engine:
 
     def engine_time(self) -> str:
         """The Redis clock as this worker estimates it (the clock that opens rounds),
-        with milliseconds; uncached, unlike ``rfc3339``, since every call is a new instant."""
-        return rfc3339.__wrapped__(int(self.state.redis_now_ms()), self.campaign.timezone)
+        with milliseconds."""
+        return rfc3339(int(self.state.redis_now_ms()), self.campaign.timezone)
 
     def venue_view(self, venue_id: str) -> VenueInfo:
         v = self.campaign.venue(venue_id)
