@@ -86,20 +86,30 @@ def round_state(r: Round, now_ms: int) -> RoundState:
 
 def coupon_view(campaign: Campaign, s: CouponState) -> Coupon:
     """The wire Coupon for a coupon's state."""
+    return issued_view(campaign, s.code, s.round_id, s.venue_id, s.member_id,
+                       s.issued_at_ms, s.valid_from_ms, s.valid_until_ms, s.status,
+                       s.redeemed_at_ms)
+
+
+def issued_view(campaign: Campaign, code: str, round_id: str, venue_id: str,
+                member_id: str, issued_at_ms: int, valid_from_ms: int, valid_until_ms: int,
+                status: CouponStatus = "issued", redeemed_at_ms: int | None = None) -> Coupon:
+    """The wire Coupon from its values: a grant's reply is built from grab.lua's reply
+    without a CouponState in between (a frozen dataclass costs a grant 1.2 us)."""
     tz = campaign.timezone
     return Coupon(
-        code=codes.display(s.code),
+        code=codes.display(code),
         campaign_id=campaign.id,
-        round_id=s.round_id,
-        venue_id=s.venue_id,
-        member_id=s.member_id,
-        status=s.status,
-        issued_at=rfc3339(s.issued_at_ms, tz),
-        valid_from=rfc3339(s.valid_from_ms, tz),
-        valid_until=rfc3339(s.valid_until_ms, tz),
+        round_id=round_id,
+        venue_id=venue_id,
+        member_id=member_id,
+        status=status,
+        issued_at=rfc3339(issued_at_ms, tz),
+        valid_from=rfc3339(valid_from_ms, tz),
+        valid_until=rfc3339(valid_until_ms, tz),
         face_value_fen=campaign.face_value_fen,
         member_price_fen=campaign.member_price_fen,
-        redeemed_at=rfc3339(s.redeemed_at_ms, tz) if s.redeemed_at_ms is not None else None,
+        redeemed_at=rfc3339(redeemed_at_ms, tz) if redeemed_at_ms is not None else None,
     )
 
 

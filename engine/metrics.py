@@ -303,7 +303,10 @@ class Metrics:
         try:
             yield
         finally:
-            self.observe(self.script_duration, time.perf_counter() - t0, name)
+            self.script_took(name, time.perf_counter() - t0)
+
+    def script_took(self, name: str, seconds: float) -> None:
+        self.observe(self.script_duration, seconds, name)
 
     def observe_state(self, campaign: Campaign, stock: dict[str, int],
                       stats: dict[str, int], now_ms: int, ledger_lag: int,
