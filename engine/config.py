@@ -26,6 +26,8 @@ MIN_MEMBER_SECRET_BYTES = 32
 MIN_ADMIN_TOKEN_CHARS = 16
 MAX_WORKERS = 256
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The HTTP workers' event loop (docs/decisions.md, "The workers' event loop").
+EVENT_LOOPS = ("uvloop", "asyncio")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 
@@ -84,6 +86,9 @@ class Settings:
     metrics_token: str | None = None
     archiver: bool = True
     log_level: str = "INFO"
+    # uvloop answers more per second; asyncio's own loop serves a crowd of connections
+    # fairly where uvloop leaves some waiting for seconds (docs/decisions.md).
+    event_loop: str = "uvloop"
     # Seconds a long command (reconcile, settle, archive, restore) runs before it shows
     # its progress on stderr, when stderr is a terminal.
     progress_after_s: float = 1.0
@@ -201,6 +206,13 @@ def _log_level(text: str) -> str:
     return v
 
 
+def _event_loop(text: str) -> str:
+    v = text.strip().lower()
+    if v not in EVENT_LOOPS:
+        raise ValueError(f"not one of {', '.join(EVENT_LOOPS)}")
+    return v
+
+
 # -- what a valid value is (None, or the reason) ------------------------------------
 
 
@@ -268,6 +280,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("COUPON_VENUE_BAD_CODE_LIMIT", "venue_bad_code_limit", _int, _at_least(1)),
     Option("COUPON_ARCHIVER", "archiver", _bool),
     Option("COUPON_LOG_LEVEL", "log_level", _log_level),
+    Option("COUPON_EVENT_LOOP", "event_loop", _event_loop),
     Option("COUPON_PROGRESS_AFTER", "progress_after_s", _float, _not_negative),
 )
 

@@ -3,7 +3,8 @@
 A real ``serve`` with small bounds (client timeout 1 s, keep-alive 4 s, a cap of 40
 connections) and raw sockets that behave like the clients in the issue: sockets that
 send nothing, headers that stop halfway or trickle in, kept-alive connections that
-come back for a second request, and more connections than the cap.
+come back for a second request, and more connections than the cap. Every test runs on both event loops the workers can
+run on (COUPON_EVENT_LOOP: uvloop, asyncio's own).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ CAP = 40
 GET = b"GET /healthz HTTP/1.1\r\nHost: engine\r\n\r\n"
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory, redis_server) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("conns")
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           redis_server) -> Iterator[Served]:
+    loop = request.param
+    tmp = tmp_path_factory.mktemp(f"conns-{loop}")
     url = redis_server.url
     # The session's own server (conftest), emptied as the redis_url fixture does.
     client = redis.Redis.from_url(url)
@@ -37,7 +40,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory, redis_server) -> Iterator[S
     with serve(tmp, url, campaign_toml(rounds=[open_round(url)]), workers=1,
                soft_nofile=1024,
                COUPON_CLIENT_TIMEOUT=str(TIMEOUT), COUPON_KEEPALIVE_TIMEOUT=str(KEEPALIVE),
-               COUPON_MAX_CONNECTIONS=str(CAP)) as s:
+               COUPON_MAX_CONNECTIONS=str(CAP), COUPON_EVENT_LOOP=loop) as s:
+        assert f"(event loop: {loop})" in s.log_text()
         yield s
 
 

@@ -78,6 +78,7 @@ def test_an_environment_value_that_is_not_a_number_is_one_line(tmp_path: Path) -
     ("COUPON_PROGRESS_AFTER", "-1", "must be 0 or more"),
     ("COUPON_LOG_LEVEL", "loud", "not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("COUPON_ARCHIVER", "maybe", "not one of 1/0"),
+    ("COUPON_EVENT_LOOP", "trio", "not one of uvloop, asyncio"),
     ("COUPON_REDIS_CLUSTER", "2", "not one of 1/0"),
     ("COUPON_ALLOW_UNSAFE_REDIS", "sure", "not one of 1/0"),
     ("COUPON_ALLOW_WEAK_SECRETS", "y", "not one of 1/0"),
@@ -116,7 +117,7 @@ def test_every_variable_of_the_table_is_read() -> None:
            "COUPON_PROGRESS_AFTER": "0", "COUPON_REDIS_POOL_SIZE": "64",
            "COUPON_CLIENT_TIMEOUT": "5", "COUPON_KEEPALIVE_TIMEOUT": "30",
            "COUPON_MAX_CONNECTIONS": "500", "COUPON_MEMBER_JWT_LEEWAY": "0",
-           "COUPON_METRICS_TOKEN": "m3trics",
+           "COUPON_METRICS_TOKEN": "m3trics", "COUPON_EVENT_LOOP": "AsyncIO",
            "COUPON_ADMIN_TOKENS": "alice:0123456789abcdef,bob:fedcba9876543210"}
     assert set(env) == {o.env for o in OPTIONS}
     s = from_env(env)
@@ -127,7 +128,7 @@ def test_every_variable_of_the_table_is_read() -> None:
         redis_timeout=0.25, member_rate=2.5, member_burst=4, venue_bad_code_limit=7,
         archiver=False, log_level="WARNING", progress_after_s=0.0, redis_pool_size=64,
         client_timeout_s=5.0, keepalive_timeout_s=30.0, max_connections=500,
-        member_jwt_leeway_s=0.0, metrics_token="m3trics",
+        member_jwt_leeway_s=0.0, metrics_token="m3trics", event_loop="asyncio",
         admin_tokens=(("alice", "0123456789abcdef"), ("bob", "fedcba9876543210")))
     assert from_env({}) == Settings()
 

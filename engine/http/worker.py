@@ -1,4 +1,5 @@
-"""One serving process of ``coupon-engine serve``: the aiohttp app on uvloop.
+"""One serving process of ``coupon-engine serve``: the aiohttp app on uvloop (or on
+asyncio's own loop, ``COUPON_EVENT_LOOP=asyncio``: docs/decisions.md).
 
 Workers share the port through SO_REUSEPORT; SIGTERM or SIGINT drains (stop
 accepting, finish what is in flight, then close). Client connections are bounded
@@ -37,7 +38,8 @@ async def run_worker(settings: Settings, url: str, index: int) -> None:
                             max_connections=settings.max_connections)
     site = GuardedSite(runner, settings.host, settings.port, guard, backlog=4096)
     await site.start()
-    log.info("worker %d listening on http://%s:%d", index, settings.host, settings.port)
+    log.info("worker %d listening on http://%s:%d (event loop: %s)", index, settings.host,
+             settings.port, settings.event_loop)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -50,5 +52,8 @@ async def run_worker(settings: Settings, url: str, index: int) -> None:
 def worker_main(settings: Settings, url: str, index: int) -> None:
     """The spawned process's entry point."""
     setup_logging(settings.log_level)
+    if settings.event_loop == "asyncio":
+        asyncio.run(run_worker(settings, url, index))
+        return
     import uvloop
     uvloop.run(run_worker(settings, url, index))
