@@ -18,8 +18,9 @@ Each archive pass runs in a fresh child process, as ``coupon-engine archive`` do
 also trims the stream), on the checkout under test; the child reports its own CPU
 time (``time.process_time``: every thread of the process, so the SQLite work done in
 ``asyncio.to_thread`` is included) around that call only, imports excluded. The
-parent reads the redis-server's CPU (INFO cpu) around the pass too: Redis's share of
-reading, acking and trimming.
+parent reads the redis-server's CPU (INFO cpu) and its AOF size (INFO persistence)
+around the pass too: Redis's share of reading, acknowledging and trimming, and what
+the archiver's commands add to the append-only file.
 
 With ``--baseline-ref REF`` the same passes also run on a ``git worktree`` of REF
 (made in a temporary directory, removed after), old and new interleaved in every
@@ -162,10 +163,14 @@ def run(args: argparse.Namespace) -> int:
                         if int(rep[0]) != 0:
                             raise SystemExit(f"redeem refused: {rep}")
 
+        def aof_bytes() -> int:
+            return int(r.info("persistence").get("aof_current_size", 0))
+
         def measured(root: Path, ledger: Path, n: int, batch: int) -> dict[str, float]:
-            c0 = redis_cpu(r)
+            c0, a0 = redis_cpu(r), aof_bytes()
             res = archive_pass(root, node.url, ledger, batch)
             res["redis_s"] = redis_cpu(r) - c0
+            res["aof_b"] = aof_bytes() - a0
             if res["new"] != n:
                 raise SystemExit(f"archived {res['new']} new events, expected {n}")
             return res
@@ -173,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
         results: dict[str, dict[str, list[float]]] = {
             name: {"grant": [], "redeem": [], "grant_redis": [], "redeem_redis": [],
                    "grant_wall": [], "redeem_wall": [], "grant_sys": [],
-                   "redeem_sys": []} for name, _ in variants}
-        # A first pass creates the consumer group, copies the campaign into each ledger
+                   "redeem_sys": [], "grant_aof": [], "redeem_aof": []}
+            for name, _ in variants}
+        # A first pass copies the campaign into each ledger
         # and archives --prefill grants there (half of them redeemed): what the ledger
         # already holds when the measured passes run. Every pass after it adds to it.
         def ledger_of(name: str) -> Path:
@@ -207,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
                     res[f"{kind}_redis"].append(m["redis_s"] * 1e6 / args.events)
                     res[f"{kind}_wall"].append(m["wall_s"] * 1e6 / args.events)
                     res[f"{kind}_sys"].append(m["sys_s"] * 1e6 / args.events)
+                    res[f"{kind}_aof"].append(m["aof_b"] / args.events)
                 print(f"  repeat {rep + 1} {name}: grant {res['grant'][-1]:.1f} µs, "
                       f"redeem {res['redeem'][-1]:.1f} µs (archiver CPU per event; "
                       f"Redis {res['grant_redis'][-1]:.1f} / {res['redeem_redis'][-1]:.1f})",
@@ -215,13 +222,14 @@ def run(args: argparse.Namespace) -> int:
         print()
         print("| variant | archiver CPU µs/grant | µs/redemption | of which kernel "
               "µs/grant | µs/redemption | Redis µs/grant | Redis µs/redemption "
-              "| wall µs/grant | wall µs/redemption |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| wall µs/grant | wall µs/redemption | Redis AOF B/event |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, _ in variants:
             m = {k: statistics.median(v) for k, v in results[name].items()}
             print(f"| {name} | {m['grant']:.1f} | {m['redeem']:.1f} | {m['grant_sys']:.1f} "
                   f"| {m['redeem_sys']:.1f} | {m['grant_redis']:.1f} "
-                  f"| {m['redeem_redis']:.1f} | {m['grant_wall']:.1f} | {m['redeem_wall']:.1f} |")
+                  f"| {m['redeem_redis']:.1f} | {m['grant_wall']:.1f} | {m['redeem_wall']:.1f} "
+                  f"| {(m['grant_aof'] + m['redeem_aof']) / 2:.0f} |")
     finally:
         node.stop()
         if worktree is not None:
@@ -241,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                         " measured pass")
     p.add_argument("--shards", type=int, default=1, help="stock shards of the campaign")
     p.add_argument("--compare-batch", type=int, action="append", default=[],
-                   help="also run this checkout with archive_once's batch (XREADGROUP COUNT"
+                   help="also run this checkout with archive_once's batch (entries per read"
                         " and entries per SQLite transaction) set to this; repeatable")
     p.add_argument("--baseline-ref", default="",
                    help="also run a git worktree of this commit, interleaved")

@@ -18,7 +18,7 @@ from conftest import campaign_toml
 from engine import campaign as cmp
 from engine import codes
 from engine.campaign import Campaign
-from engine.ledger import Ledger, archiver
+from engine.ledger import Ledger, LedgerError, archiver
 from engine.store import keys, streams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,23 +184,28 @@ def _run_cli_archive(url: str, data_dir: Path, crash: str | None) -> int:
     return p.returncode
 
 
-@pytest.mark.parametrize("crash,archived_before", [("after_read:2", 1000),
-                                                   ("after_commit:2", 2000)])
+B = archiver.BATCH
+
+
+@pytest.mark.parametrize("crash,archived_before", [("after_read:2", B),
+                                                   ("after_commit:2", 2 * B)])
 async def test_sigkill_mid_archive_loses_and_duplicates_nothing(
         world: World, aredis: aioredis.Redis, redis_url: str, tmp_path: Path, crash: str,
         archived_before: int) -> None:
-    seed(world, 1800)  # 1800 grants + 600 redeems + voids: more than two batches of 1000
+    n_coupons = 9 * B // 5  # with redeems and voids: more than two batches of entries
+    seed(world, n_coupons)
     ids = world.stream_ids()
-    assert len(ids) > 2000
+    assert len(ids) > 2 * B
     rc = _run_cli_archive(redis_url, tmp_path, crash)
     assert rc == -signal.SIGKILL
     with Ledger(tmp_path / "ledger.sqlite3") as led:
         assert led.event_count() == archived_before
-    pending = await aredis.xpending(world.k.events, archiver.GROUP)
-    assert pending["pending"] == 1000
-    # Trimming now must keep the unacknowledged batch and everything after it.
-    await archiver.trim_archived(aredis, world.k.events)
-    assert await aredis.xlen(world.k.events) == len(ids) - 1000
+        # The cursor moved with the last commit, and only that batch left Redis.
+        assert led.cursor(world.c.id, 0) == ids[archived_before - 1]
+        assert await aredis.xlen(world.k.events) == len(ids) - B
+        # Trimming now must keep everything after the cursor.
+        await archiver.trim_archived(aredis, led, world.c.id, 0)
+        assert await aredis.xlen(world.k.events) == len(ids) - archived_before
     # Events keep arriving while the archiver is down.
     for i in range(10):
         world.grant("V01", f"late{i}")
@@ -212,31 +217,96 @@ async def test_sigkill_mid_archive_loses_and_duplicates_nothing(
         assert len(got) == len(set(got)) == len(ids)
         assert set(got) == set(ids)
         grants = led.db.execute("SELECT count(*) FROM coupons").fetchone()[0]
-        assert grants == 1810
-    assert (await aredis.xpending(world.k.events, archiver.GROUP))["pending"] == 0
+        assert grants == n_coupons + 10
+        assert led.cursor(world.c.id, 0) == ids[-1]
+    assert await aredis.xlen(world.k.events) == 0
     assert await streams.lag(aredis, world.c.id) == 0
+    assert await aredis.get(world.k.archived) == ids[-1]
 
 
-async def test_dead_consumers_batch_is_claimed(world: World, aredis: aioredis.Redis,
-                                               redis_url: str, tmp_path: Path) -> None:
-    seed(world, 60)
-    ids = world.stream_ids()
+def _archive_in_child(url: str, path: Path, crash: str, batch: int) -> int:
     script = ("import asyncio, sys, redis.asyncio as r\n"
               "from engine.ledger import archiver\nfrom engine.ledger import Ledger\n"
               "async def main():\n"
               "    c = r.Redis.from_url(sys.argv[1], decode_responses=True)\n"
-              "    await archiver.archive_once(c, Ledger(sys.argv[2]), 'dead-one', batch=25,"
-              " crash_point='after_read:2')\n"
+              f"    await archiver.archive_once(c, Ledger(sys.argv[2]), batch={batch},"
+              f" crash_point={crash!r})\n"
               "asyncio.run(main())\n")
-    p = subprocess.run([sys.executable, "-c", script, redis_url, str(tmp_path / "l.sqlite3")],
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert p.returncode == -signal.SIGKILL
-    with Ledger(tmp_path / "l.sqlite3") as led:
-        assert led.event_count() == 25
-        n = await archiver.archive_once(aredis, led, min_idle_ms=0)
-        assert n == len(ids) - 25
+    p = subprocess.run([sys.executable, "-c", script, url, str(path)], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    return p.returncode
+
+
+async def test_a_batch_committed_but_not_trimmed_is_trimmed_by_the_next_pass(
+        world: World, aredis: aioredis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """A crash between a commit and its XTRIM leaves that batch in Redis, behind the
+    cursor: the next pass must drop it even when nothing new arrived, or the lag
+    (the streams' length) would stay up and the entries would never leave Redis."""
+    seed(world, 40)
+    ids = world.stream_ids()
+    last = (len(ids) - 1) // 20 + 1  # the batch with the stream's last entries
+    path = tmp_path / "l.sqlite3"
+    assert _archive_in_child(redis_url, path, f"after_commit:{last}", 20) == -signal.SIGKILL
+    assert await streams.lag(aredis, world.c.id) == len(ids) - 20 * (last - 1)
+    with Ledger(path) as led:
+        assert led.event_count() == len(ids)
+        assert await archiver.archive_once(aredis, led, batch=20) == 0
         assert sorted(led.event_ids()) == sorted(ids)
-    assert (await aredis.xpending(world.k.events, archiver.GROUP))["pending"] == 0
+    assert await aredis.xlen(world.k.events) == 0
+    assert await streams.lag(aredis, world.c.id) == 0
+
+
+async def test_upgrade_from_the_consumer_group_archives_everything_once(
+        world: World, aredis: aioredis.Redis, tmp_path: Path) -> None:
+    """A deployment archived by the version that read through the consumer group
+    'ledger': a dead consumer left a batch pending, and another archiver committed and
+    acknowledged entries after it. The ledger has no cursor yet; the new archiver must
+    take the pending batch too (it is below the ledger's last event), nothing twice."""
+    seed(world, 60)
+    ids = world.stream_ids()
+    s, group = world.k.events, streams.LEGACY_GROUP
+    await aredis.xgroup_create(s, group, id="0")
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        led.save_campaign(world.c)
+
+        async def old_archiver_reads(consumer: str, n: int, commit: bool) -> None:
+            got = (await aredis.xreadgroup(group, consumer, {s: ">"}, count=n))[0][1]
+            if commit:
+                led.insert_events(world.c.id, got)
+                await aredis.xack(s, group, *[eid for eid, _ in got])
+
+        await old_archiver_reads("ledger-archiver", 25, True)
+        await old_archiver_reads("dead-one", 25, False)
+        await old_archiver_reads("ledger-archiver", 20, True)
+        # What the old archiver's trim left: from the oldest pending entry on.
+        await aredis.xtrim(s, minid=ids[25], approximate=False)
+        assert led.cursor(world.c.id, 0) is None
+        assert await archiver.archive_once(aredis, led, batch=16) == len(ids) - 45
+        got = led.event_ids()
+        assert len(got) == len(set(got)) == len(ids)
+        assert set(got) == set(ids)
+        assert led.cursor(world.c.id, 0) == ids[-1]
+    assert await aredis.xlen(s) == 0
+    assert await aredis.xinfo_groups(s) == []  # the old group is gone
+    assert await streams.lag(aredis, world.c.id) == 0
+
+
+def test_the_cursor_commits_with_its_events_and_only_moves_forward(tmp_path: Path) -> None:
+    def ev(eid: str, etype: str = "grant") -> tuple[str, dict[str, str]]:
+        return eid, {"type": etype, "code": eid.replace("-", "x").rjust(17, "A"),
+                     "round": "R1", "venue": "V01", "member": "m", "at": "5", "idem": ""}
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        with pytest.raises(LedgerError, match="unknown type"):
+            led.insert_events("c", [ev("5-0"), ev("6-0", "bogus")], cursor=(0, "6-0"))
+        assert led.cursor("c", 0) is None and led.event_count() == 0
+        assert led.insert_events("c", [ev("999-5"), ev("1000-0")], cursor=(0, "1000-0")) == 2
+        # An archiver that read an older batch commits after: the cursor stays ('999-5'
+        # sorts after '1000-0' as text, not as a stream id).
+        assert led.insert_events("c", [ev("999-5")], cursor=(0, "999-5")) == 0
+        assert led.cursor("c", 0) == "1000-0"
+        assert led.cursor("c", 1) is None and led.cursor("other", 0) is None
+        led.insert_events("c", [ev("3/1000-1")], cursor=(3, "1000-1"))
+        assert (led.cursor("c", 0), led.cursor("c", 3)) == ("1000-0", "1000-1")
 
 
 async def test_follow_archives_until_stopped(world: World, aredis: aioredis.Redis,

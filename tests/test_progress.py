@@ -11,26 +11,30 @@ import redis
 from test_claims_files import run_child
 from test_ledger import World, make_campaign, seed
 
+from engine.ledger import archiver
+
 NOW = {"COUPON_PROGRESS_AFTER": "0"}
 
 
 def test_archive_and_restore_show_progress_on_a_terminal_only(redis_url: str,
                                                               tmp_path: Path) -> None:
-    w = World(redis_url, make_campaign())
-    seed(w, 3000)  # 4,286 events: five batches
+    w = World(redis_url, make_campaign(stock=10_000))
+    seed(w, 9 * archiver.BATCH // 5)  # with redeems and voids: three batches
+    n = len(w.stream_ids())
+    assert n > 2 * archiver.BATCH
     w.close()
     data = str(tmp_path / "data")
     _, out, err = run_child(["archive", "--redis-url", redis_url, "--data-dir", data],
                             tmp_path / "archive", tty=True, env_extra=NOW)
-    assert out.startswith("archived 4286 ") and out.count("\n") == 1, out
-    assert "\rcoupon-engine: archive: 1,000 events" in err, err
+    assert out.startswith(f"archived {n} ") and out.count("\n") == 1, out
+    assert f"\rcoupon-engine: archive: {archiver.BATCH:,} events" in err, err
     restore = ["restore", "--redis-url", redis_url, "--data-dir", data, "--batch", "1000"]
     for tty, again in ((True, "restore"), (False, "again")):
         r = redis.Redis.from_url(redis_url)
         r.flushall()  # Redis lost everything
         r.close()
         _, out, err = run_child(restore, tmp_path / again, tty=tty, env_extra=NOW)
-        assert out.startswith("restored campaign test-c: 4286 ") and "\r" not in out, out
+        assert out.startswith(f"restored campaign test-c: {n} ") and "\r" not in out, out
         if tty:
             assert "\rcoupon-engine: restore: 1,000 commands" in err, err
         else:

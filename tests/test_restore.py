@@ -209,7 +209,7 @@ async def test_restore_after_total_loss_rebuilds_exactly_and_keeps_trading(
     # Sanity: the snapshot holds every kind of key the engine keeps.
     kinds = {key.split(":")[2] for key in s.before if key != keys.ACTIVE}
     assert kinds == {"campaign", "round", "stock", "stats", "member", "coupon",
-                     "idem", "vredeemed", "vkeys", "events"}
+                     "idem", "vredeemed", "vkeys", "events", "archived"}
     assert int(s.before[k.stats][1]["returned_open:R1:V01"]) == 1
     assert int(s.before[k.stats][1]["returned_closed:R1:V01"]) == 1
     assert int(s.before[k.stats][1]["returned_closed:R1:V02"]) == 1
@@ -357,8 +357,10 @@ async def test_restore_refuses_a_redis_that_holds_the_campaign(
     after = await snapshot(aredis)
     # Venue keys still present are kept; the stream is now fully archived.
     k = keys.Keys(s.campaign.id)
-    assert before[k.events][1]["groups"][0]["lag"] == 1
-    before.pop(k.events), after.pop(k.events)
+    assert before[k.events][1]["info"]["length"] == 1
+    late_id = before[k.events][1]["entries"][0][0]
+    assert (after[k.events][1]["info"]["length"], after[k.archived][1]) == (0, late_id)
+    before.pop(k.events), after.pop(k.events), before.pop(k.archived), after.pop(k.archived)
     assert_same_state(before, after)
     assert any(":vkeys:" in key for key in after)
     assert (await grab(e, "late", "V02", "R1", key="late-key"))[1]["coupon"]["code"] == late

@@ -2,24 +2,33 @@
 
 A campaign loaded with S stock shards has S streams, one per shard and each in
 its own Redis Cluster slot (keys.Keys.of_shard). Each is archived on its own,
-with its own consumer group and one call per stream (never a multi-key
-XREADGROUP, which a cluster would refuse as CROSSSLOT). A coupon's whole life
-is in one shard's stream, so per-stream order is all the ledger needs; the
-ledger's event id names the shard (ledger.ledger_event_id) because two
-streams can hand out the same entry id.
+one command per stream (never a multi-key command, which a cluster would refuse
+as CROSSSLOT). A coupon's whole life is in one shard's stream, so per-stream
+order is all the ledger needs; the ledger's event id names the shard
+(ledger.ledger_event_id) because two streams can hand out the same entry id.
 
-Order of operations per batch, and why it is crash-safe:
+The ledger is its own cursor: its ``cursors`` table holds, per (campaign, shard),
+the last stream id archived, written in the transaction that archived it. Order
+of operations per batch, and why it is crash-safe:
 
-1. XREADGROUP: the entries become pending for our consumer (Redis keeps them).
-2. One SQLite transaction inserts them (INSERT OR IGNORE on the stream id),
-   COMMIT with synchronous=FULL.
-3. XACK.
+1. XRANGE after the cursor (exclusive), COUNT ``batch``.
+2. One SQLite transaction inserts the entries (INSERT OR IGNORE on the stream id)
+   and moves the cursor to the batch's last id; COMMIT with synchronous=FULL.
+3. SET the shard's ``archived`` key to that id (what the guard reads), then
+   XTRIM MINID just past it: only what is committed leaves Redis.
 
-A crash before 2 leaves the entries pending: the next run reads its own
-pending entries (id 0) first, or claims another consumer's with XAUTOCLAIM.
-A crash between 2 and 3 makes the next run insert them again, which the
-primary key turns into a no-op. The stream is trimmed only below the oldest
-entry that is pending or not yet delivered, so nothing unarchived is dropped.
+A crash before 2 leaves the cursor where it was: the batch is read again. A
+crash after 2 leaves the batch in Redis but behind the cursor: it is not read
+again, and the next pass trims it first. There is no consumer group, pending
+list or XACK: Redis does no per-entry bookkeeping (XREADGROUP propagated an
+XCLAIM per entry to the AOF), and exactly-once follows from the transaction.
+
+A shard the ledger has no cursor for (a new ledger, or one written while the
+archiver read through the consumer group ``ledger``, before schema v5) is read
+from the start of what its stream holds. The old archiver trimmed only below
+the oldest entry that was pending or not yet delivered, so that covers all it
+had not acknowledged; entries already in the ledger are skipped by the primary
+key. Once that shard has a cursor the old group is destroyed.
 
 For the crash tests, ``crash_point`` ("after_read" or "after_commit",
 optionally ":N" for the N-th batch) SIGKILLs the process at that point. The
@@ -32,7 +41,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from redis import exceptions as rex
 
@@ -42,27 +50,19 @@ from ..store import keys
 from ..store.connection import AnyClient, open_client
 from ..store.loading import shard_count
 from ..store.settled import mark_settled
-from ..store.streams import GROUP, shard_streams
+from ..store.streams import LEGACY_GROUP, shard_streams
 from .db import Ledger, ledger_event_id
 
 log = logging.getLogger("engine.archiver")
 
-# One stable name: a restarted archiver finds its own unfinished batch with id 0.
-CONSUMER = "ledger-archiver"
-BATCH = 1000
-# Another consumer's entry idle this long is presumed abandoned and claimed.
-MIN_IDLE_MS = 60_000
+# Entries per XRANGE and per SQLite transaction. Bigger batches dirty fewer pages of
+# the coupons' random code index per event (docs/benchmarks.md, issue 19).
+BATCH = 5000
 # Redis (or one cluster node) not answering: retried on the next pass.
 UNREACHABLE = (rex.ConnectionError, rex.TimeoutError, OSError, rex.ClusterDownError,
                rex.RedisClusterException)
 
-
-async def ensure_group(client: AnyClient, stream: str) -> None:
-    try:
-        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    except rex.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+Entries = list[tuple[str, dict[str, str]]]
 
 
 async def sync_campaign(client: AnyClient, ledger: Ledger) -> str | None:
@@ -79,31 +79,13 @@ async def sync_campaign(client: AnyClient, ledger: Ledger) -> str | None:
     return cid
 
 
-async def _write(ledger: Ledger, cid: str, shard: int,
-                 entries: list[tuple[str, dict[str, str]]]) -> int:
-    # Trimmed entries come back from a pending read with no fields; they were
-    # acknowledged long ago by definition of our trim rule, so only ack them.
-    live = [(ledger_event_id(shard, eid), f) for eid, f in entries if f]
-    return await asyncio.to_thread(ledger.insert_events, cid, live)
-
-
-async def _process(client: AnyClient, ledger: Ledger, cid: str, shard: int,
-                   stream: str, entries: list[tuple[str, dict[str, str]]],
-                   crash: CrashPoint) -> int:
-    crash.at("after_read")
-    new = await _write(ledger, cid, shard, entries)
-    crash.at("after_commit")
-    await client.xack(stream, GROUP, *[eid for eid, _ in entries])
-    return new
-
-
-async def archive_once(client: AnyClient, ledger: Ledger, consumer: str = CONSUMER, *,
+async def archive_once(client: AnyClient, ledger: Ledger, *,
                        campaign_id: str | None = None, batch: int = BATCH,
-                       min_idle_ms: int = MIN_IDLE_MS, crash_point: str | None = None,
-                       trim: bool = True,
+                       crash_point: str | None = None, trim: bool = True,
                        progress: Callable[[int], None] | None = None) -> int:
     """Drain every shard's stream into the ledger; returns how many events were new.
-    ``progress`` is told the running count of entries handled, after each batch."""
+    ``progress`` is told the running count of entries handled, after each batch.
+    ``trim=False`` leaves archived entries in Redis (tests)."""
     crash = CrashPoint(crash_point, ("after_read", "after_commit"))
     handled = 0
 
@@ -123,10 +105,8 @@ async def archive_once(client: AnyClient, ledger: Ledger, consumer: str = CONSUM
         # On a cluster each shard is on its own primary: one that is down must
         # not hold back the others' events, so it is reported after the rest.
         try:
-            total += await _archive_stream(client, ledger, cid, shard, stream, consumer,
-                                           batch, min_idle_ms, crash, tick)
-            if trim:
-                await trim_archived(client, stream)
+            total += await _archive_stream(client, ledger, cid, shard, stream, batch,
+                                           crash, tick, trim)
         except UNREACHABLE as exc:
             unreachable = unreachable or exc
     if unreachable is not None:
@@ -162,56 +142,57 @@ async def sync_settled(client: AnyClient, ledger: Ledger, campaign_id: str,
 
 
 async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: int,
-                          stream: str, consumer: str, batch: int, min_idle_ms: int,
-                          crash: CrashPoint, tick: Callable[[int], None]) -> int:
-    """One shard's stream: own pending entries, then abandoned ones, then new ones."""
-    await ensure_group(client, stream)
+                          stream: str, batch: int, crash: CrashPoint,
+                          tick: Callable[[int], None], trim: bool) -> int:
+    """One shard's stream, from the ledger's cursor to its end."""
+    after = await asyncio.to_thread(ledger.cursor, cid, shard)
+    legacy = after is None
+    if after is not None and trim:
+        # A crash between a commit and its trim left that batch in Redis.
+        await client.xtrim(stream, minid=_next_id(after), approximate=False)
     total = 0
-
-    # 1. Our own unfinished batches (read before a crash, never acked).
-    start = "0"
     while True:
-        resp = await client.xreadgroup(GROUP, consumer, {stream: start}, count=batch)
-        entries = _entries(resp)
+        entries = await read_after(client, stream, after, batch)
         if not entries:
             break
-        total += await _process(client, ledger, cid, shard, stream, entries, crash)
+        crash.at("after_read")
+        after = entries[-1][0]
+        rows = [(ledger_event_id(shard, eid), f) for eid, f in entries]
+        total += await asyncio.to_thread(ledger.insert_events, cid, rows, (shard, after))
+        crash.at("after_commit")
+        await _release(client, keys.Keys(cid, shard), after, trim)
         tick(len(entries))
-        start = entries[-1][0]
-
-    # 2. Entries another (dead) consumer read and never acked.
-    cursor = "0-0"
-    while True:
-        res = await client.xautoclaim(stream, GROUP, consumer, min_idle_ms, cursor,
-                                      count=batch)
-        cursor, claimed = res[0], [(eid, f or {}) for eid, f in res[1]]
-        if claimed:
-            total += await _process(client, ledger, cid, shard, stream, claimed, crash)
-            tick(len(claimed))
-        if cursor in ("0-0", b"0-0"):
-            break
-
-    # 3. New entries.
-    while True:
-        resp = await client.xreadgroup(GROUP, consumer, {stream: ">"}, count=batch)
-        entries = _entries(resp)
-        if not entries:
-            break
-        total += await _process(client, ledger, cid, shard, stream, entries, crash)
-        tick(len(entries))
+        if len(entries) < batch:
+            break  # the end of the stream: spares one empty read per pass
+    if legacy and after is not None:
+        await _drop_legacy_group(client, stream)
     return total
 
 
-def _entries(resp: Any) -> list[tuple[str, dict[str, str]]]:
-    """Flatten an XREADGROUP reply for one stream: RESP2 gives
-    ``[[stream, entries]]``, RESP3 ``{stream: [entries]}``."""
-    if not resp:
-        return []
-    if isinstance(resp, dict):
-        lists = [lst for value in resp.values() for lst in value]
-    else:
-        lists = [entries for _, entries in resp]
-    return [(eid, fields or {}) for entries in lists for eid, fields in entries]
+async def read_after(client: AnyClient, stream: str, after: str | None,
+                     count: int) -> Entries:
+    """Up to ``count`` entries of ``stream`` after the id ``after`` (exclusive; None:
+    from the first entry), in stream order."""
+    start = "-" if after is None else f"({after}"
+    got: Entries = await client.xrange(stream, min=start, max="+", count=count)
+    return got
+
+
+async def _release(client: AnyClient, k: keys.Keys, archived: str, trim: bool) -> None:
+    """Tell Redis the entries up to ``archived`` are in the ledger, and let it drop them
+    (two round trips per batch of thousands: not worth a pipeline)."""
+    await client.set(k.archived, archived)
+    if trim:
+        await client.xtrim(k.events, minid=_next_id(archived), approximate=False)
+
+
+async def _drop_legacy_group(client: AnyClient, stream: str) -> None:
+    """The old archiver's consumer group: its pending entries are in the ledger now
+    (everything the stream held was read), and nothing reads it any more."""
+    try:
+        await client.xgroup_destroy(stream, LEGACY_GROUP)
+    except rex.ResponseError:
+        pass  # no stream: nothing to drop
 
 
 def _parse_id(eid: str) -> tuple[int, int]:
@@ -224,45 +205,33 @@ def _next_id(eid: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
-async def trim_archived(client: AnyClient, stream: str) -> int:
-    """XTRIM MINID to the oldest entry that is pending or not yet delivered.
-
-    last-delivered-id is read before the pending summary: an entry delivered
-    in between is then newer than last-delivered and is kept either way.
-    """
-    groups = await client.xinfo_groups(stream)
-    group = next((g for g in groups if g["name"] == GROUP), None)
-    if group is None:
+async def trim_archived(client: AnyClient, ledger: Ledger, campaign_id: str, shard: int
+                        ) -> int:
+    """XTRIM MINID just past the shard's cursor in ``ledger``: drops what is archived,
+    keeps everything else. Returns the entries removed."""
+    after = await asyncio.to_thread(ledger.cursor, campaign_id, shard)
+    if after is None:
         return 0
-    last = group["last-delivered-id"]
-    if last in ("0-0", None):
-        return 0
-    minid = _next_id(last)
-    pending = await client.xpending(stream, GROUP)
-    if pending and pending.get("pending"):
-        low = pending["min"]
-        if _parse_id(low) < _parse_id(minid):
-            minid = low
-    return await client.xtrim(stream, minid=minid, approximate=False)
+    stream = keys.Keys(campaign_id, shard).events
+    return int(await client.xtrim(stream, minid=_next_id(after), approximate=False))
 
 
-async def trim_campaign(client: AnyClient, campaign_id: str) -> int:
+async def trim_campaign(client: AnyClient, ledger: Ledger, campaign_id: str) -> int:
     """trim_archived on every shard's stream; returns the entries removed."""
-    streams = shard_streams(campaign_id, await shard_count(client, campaign_id))
-    return sum([await trim_archived(client, stream) for _, stream in streams])
+    shards = await shard_count(client, campaign_id)
+    return sum([await trim_archived(client, ledger, campaign_id, s) for s in range(shards)])
 
 
-async def archive_follow(client: AnyClient, ledger: Ledger, stop: asyncio.Event,
-                         consumer: str = CONSUMER, *, interval_s: float = 0.5,
-                         batch: int = BATCH, min_idle_ms: int = MIN_IDLE_MS,
+async def archive_follow(client: AnyClient, ledger: Ledger, stop: asyncio.Event, *,
+                         interval_s: float = 0.5, batch: int = BATCH,
                          crash_point: str | None = None) -> int:
     """Archive until ``stop`` is set; Redis outages are logged and retried."""
     total = 0
     backoff = interval_s
     while not stop.is_set():
         try:
-            total += await archive_once(client, ledger, consumer, batch=batch,
-                                        min_idle_ms=min_idle_ms, crash_point=crash_point)
+            total += await archive_once(client, ledger, batch=batch,
+                                        crash_point=crash_point)
             backoff = interval_s
         except UNREACHABLE as exc:
             log.warning("archiver: Redis unavailable (%s); retrying", exc)

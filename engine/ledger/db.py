@@ -83,6 +83,18 @@ CREATE TABLE IF NOT EXISTS settlements (
 );
 CREATE INDEX IF NOT EXISTS settlements_venue ON settlements (venue_id);
 
+-- The archiver's position in each stream: the last entry of (campaign, stock shard) it
+-- archived, written in the transaction that archived it. The next pass reads the stream
+-- after it (XRANGE), so this row, not a Redis consumer group, is what makes every entry
+-- land exactly once (schema v5; docs/ledger.md, "Archiver").
+CREATE TABLE IF NOT EXISTS cursors (
+    campaign_id TEXT NOT NULL,
+    shard       INTEGER NOT NULL,
+    last_ms     INTEGER NOT NULL,          -- the entry id '<ms>-<seq>', as numbers so
+    last_seq    INTEGER NOT NULL,          -- that it compares in stream order
+    PRIMARY KEY (campaign_id, shard)
+);
+
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -125,6 +137,14 @@ _UPSERT = {
 # events row (it changes a coupon).
 AUDIT_ACTIONS = ("pause", "resume", "close", "add_stock", "reverse")
 
+# Only ever forward: two archivers on one ledger may commit overlapping batches in
+# either order, and a cursor moved back would only re-read, never skip (still exact).
+_ADVANCE_CURSOR = (
+    "INSERT INTO cursors (campaign_id, shard, last_ms, last_seq) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (campaign_id, shard) DO UPDATE SET last_ms = excluded.last_ms,"
+    " last_seq = excluded.last_seq WHERE (excluded.last_ms, excluded.last_seq) >"
+    " (cursors.last_ms, cursors.last_seq)")
+
 _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (event_id, campaign_id, type, code, round_id,"
     " venue_id, member_id, at_ms, restocked, idem_key) VALUES (?,?,?,?,?,?,?,?,?,?)")
@@ -158,6 +178,11 @@ def split_event_id(event_id: str) -> tuple[int, str]:
     """(shard, stream id) of a ledger event id; the inverse of ``ledger_event_id``."""
     shard, sep, stream_id = event_id.partition("/")
     return (int(shard), stream_id) if sep else (0, event_id)
+
+
+def _stream_id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def event_id_key(event_id: str) -> tuple[int, int, int]:
@@ -254,7 +279,7 @@ class Ledger:
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0,
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before XACK tells Redis it may forget the entry.
+        # FULL: a commit is on disk before XTRIM lets Redis forget the entries.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
@@ -268,7 +293,9 @@ class Ledger:
         NULL there, meaning "not recorded". v3 added ``coupons.reversed_at_ms`` (the
         operators' reverse) and the ``audit`` table (created by SCHEMA). v4 dropped the
         index ``events_code`` (unused, and the archiver's dearest write); an older
-        version opening the file creates it again, which is harmless.
+        version opening the file creates it again, which is harmless. v5 added the
+        ``cursors`` table (created by SCHEMA); a ledger without a row for a shard is
+        archived from the start of what its stream holds (archiver.py).
         """
         self.db.execute("DROP INDEX IF EXISTS events_code")
         for table, column in (("events", "idem_key TEXT"),
@@ -308,25 +335,41 @@ class Ledger:
     # -- events ---------------------------------------------------------------
 
     def insert_events(self, campaign_id: str,
-                      entries: Sequence[tuple[str, Mapping[str, str]]]) -> int:
+                      entries: Sequence[tuple[str, Mapping[str, str]]],
+                      cursor: tuple[int, str] | None = None) -> int:
         """Write stream entries in one transaction; returns how many were new.
 
         An entry already present (same stream id) is skipped, and so is its
         effect on ``coupons``: re-delivery after a crash changes nothing.
+        ``cursor`` (shard, stream id): also move that shard's cursor to the id, in the
+        same transaction, so the events and the position they end at commit together.
         """
-        if not entries:
+        if not entries and cursor is None:
             return 0
         if not self._writer_cache:
             self.db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
             self._writer_cache = True
         if all(f.get("type") in _BATCHED for _, f in entries):
-            new = self._insert_batched(campaign_id, entries)
+            new = self._insert_batched(campaign_id, entries, cursor)
             if new is not None:
                 return new
-        return self._insert_one_by_one(campaign_id, entries)
+        return self._insert_one_by_one(campaign_id, entries, cursor)
+
+    def _advance(self, campaign_id: str, cursor: tuple[int, str] | None) -> None:
+        if cursor is not None:
+            ms, seq = _stream_id_key(cursor[1])
+            self.db.execute(_ADVANCE_CURSOR, (campaign_id, cursor[0], ms, seq))
+
+    def cursor(self, campaign_id: str, shard: int) -> str | None:
+        """The last stream id of the shard the archiver archived (None: it never
+        recorded one, e.g. a ledger written before schema v5)."""
+        row = self.db.execute("SELECT last_ms, last_seq FROM cursors WHERE campaign_id = ?"
+                              " AND shard = ?", (campaign_id, shard)).fetchone()
+        return None if row is None else f"{row[0]}-{row[1]}"
 
     def _insert_batched(self, campaign_id: str,
-                        entries: Sequence[tuple[str, Mapping[str, str]]]) -> int | None:
+                        entries: Sequence[tuple[str, Mapping[str, str]]],
+                        cursor: tuple[int, str] | None) -> int | None:
         """insert_events for a batch of grants, redemptions and voids with one prepared
         statement per run of one type (executemany), in stream order. Returns None, with
         nothing written, when some entry was already in the ledger (a batch delivered
@@ -348,6 +391,7 @@ class Ledger:
             for etype, run in itertools.groupby(rows, key=lambda r: r[2]):
                 self.db.executemany(_UPSERT[etype],
                                     [(r[3], campaign_id, r[4], r[5], r[6], r[7]) for r in run])
+            self._advance(campaign_id, cursor)
             self.commit()
         except BaseException:
             self.rollback()
@@ -355,7 +399,8 @@ class Ledger:
         return len(rows)
 
     def _insert_one_by_one(self, campaign_id: str,
-                           entries: Sequence[tuple[str, Mapping[str, str]]]) -> int:
+                           entries: Sequence[tuple[str, Mapping[str, str]]],
+                           cursor: tuple[int, str] | None = None) -> int:
         new = 0
         self.begin()
         try:
@@ -380,6 +425,7 @@ class Ledger:
                 new += 1
                 self.db.execute(_UPSERT[etype], (f["code"], campaign_id, f["round"],
                                                  f["venue"], f["member"], at))
+            self._advance(campaign_id, cursor)
             self.commit()
         except BaseException:
             self.rollback()

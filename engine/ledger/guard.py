@@ -3,7 +3,7 @@
 The ledger only ever holds what Redis held: the archiver copies each stream entry
 into it and acknowledges the entry afterwards. So a Redis that serves a campaign
 must remember at least what the ledger archived of it, and a ledger that archives
-this Redis must hold what the Redis's archiver group acknowledged. When either is
+this Redis must hold what Redis says was archived. When either is
 not so, one of them went back in time, and serving would put on sale again what
 the ledger records as sold, or settle from a ledger that has forgotten payments.
 
@@ -19,9 +19,12 @@ What is checked, per campaign and per stock shard (``refuse_lost_state``):
    older copy (an old AOF or snapshot), or the ledger is another engine's.
    -> ``coupon-engine restore --force`` (it archives what the stream holds first).
 3. With the archiver on (``COUPON_ARCHIVER``, so this data directory's ledger is
-   meant to be the archive of this Redis): the archiver group has acknowledged an
-   entry past the ledger's last one. Acknowledged means committed to *a* ledger,
-   so this one is an older copy (a backup restored) or another data directory's.
+   meant to be the archive of this Redis): Redis says an entry past the ledger's
+   last one was archived (the shard's ``archived`` key, which the archiver sets
+   after each commit; for a Redis last archived by a version that read through
+   the consumer group ``ledger``, what that group acknowledged). Archived means
+   committed to *a* ledger, so this one is an older copy (a backup restored) or
+   another data directory's.
 
 A different campaign id proves nothing (a new season in an old data directory),
 and neither does a different campaign document: updates and operator actions
@@ -46,7 +49,7 @@ from ..config import Settings
 from ..store import keys
 from ..store.connection import AnyClient
 from ..store.loading import load_campaign, shard_count
-from ..store.streams import GROUP
+from ..store.streams import LEGACY_GROUP
 from .db import Ledger
 
 RESTORE_DOC = '(docs/ledger.md, "Restore")'
@@ -84,30 +87,35 @@ def ledger_positions(path: Path, campaign_id: str) -> dict[int, tuple[str, int]]
         return led.shard_positions(campaign_id)
 
 
-async def stream_position(client: AnyClient, stream: str) -> StreamPosition:
+async def stream_position(client: AnyClient, k: keys.Keys) -> StreamPosition:
+    stream = k.events
     try:
         info = await client.xinfo_stream(stream)
     except rex.ResponseError:  # no such key
         return StreamPosition(exists=False)
     added = info.get("entries-added")
-    acked: tuple[int, int] | None = None
+    archived = await client.get(k.archived)
+    acked = _sid(archived) if archived else await _legacy_acknowledged(client, stream)
+    return StreamPosition(True, _sid(info["last-generated-id"]),
+                          None if added is None else int(added), acked)
+
+
+async def _legacy_acknowledged(client: AnyClient, stream: str) -> tuple[int, int] | None:
+    """What the old archiver's consumer group acknowledged, if the stream still has it."""
     try:
         groups = await client.xinfo_groups(stream)
     except rex.ResponseError:
-        groups = []
-    group = next((g for g in groups if g.get("name") == GROUP), None)
-    if group is not None and group.get("last-delivered-id"):
-        delivered = _sid(group["last-delivered-id"])
-        if not int(group.get("pending") or 0):
-            acked = delivered  # nothing pending: everything delivered was acknowledged
-        else:
-            summary = await client.xpending(stream, GROUP)
-            top = summary.get("max") if summary else None
-            # The last delivered entry is not pending: it was acknowledged.
-            if top and _sid(top) < delivered:
-                acked = delivered
-    return StreamPosition(True, _sid(info["last-generated-id"]),
-                          None if added is None else int(added), acked)
+        return None
+    group = next((g for g in groups if g.get("name") == LEGACY_GROUP), None)
+    if group is None or not group.get("last-delivered-id"):
+        return None
+    delivered = _sid(group["last-delivered-id"])
+    if not int(group.get("pending") or 0):
+        return delivered  # nothing pending: everything delivered was acknowledged
+    summary = await client.xpending(stream, LEGACY_GROUP)
+    top = summary.get("max") if summary else None
+    # The last delivered entry is not pending: it was acknowledged.
+    return delivered if top and _sid(top) < delivered else None
 
 
 async def refuse_lost_state(client: AnyClient, settings: Settings, campaign_id: str) -> None:
@@ -139,7 +147,7 @@ async def refuse_lost_state(client: AnyClient, settings: Settings, campaign_id: 
                f" 'coupon-engine restore --force' {RESTORE_DOC}")
         if shard >= shards:
             raise LostState(f"{behind}, and the campaign in Redis has {shards} shard(s){fix}")
-        pos = await stream_position(client, k.of_shard(shard).events)
+        pos = await stream_position(client, k.of_shard(shard))
         if last is not None:
             if not pos.exists:
                 raise LostState(f"{behind}, and Redis has no such stream{fix}")
@@ -152,7 +160,7 @@ async def refuse_lost_state(client: AnyClient, settings: Settings, campaign_id: 
         archived = _sid(last) if last is not None else (0, 0)
         if settings.archiver and pos.acknowledged is not None and pos.acknowledged > archived:
             raise LostState(
-                f"this Redis's archiver acknowledged events of {where} of campaign"
+                f"this Redis's archiver archived (acknowledged) events of {where} of campaign"
                 f" {campaign_id} up to {_fmt(pos.acknowledged)}, but the ledger {path} has"
                 f" {'none' if last is None else 'them only up to ' + last}: they were committed"
                 " to another ledger, so this one is an older copy or another data directory's,"

@@ -31,7 +31,6 @@ from ..store.restore import (
     inspect,
     marker_key,
 )
-from ..store.streams import GROUP
 from . import archiver
 from .db import Ledger
 from .replay import RestoreError, build, resolve_shards
@@ -131,8 +130,8 @@ def summary(t: Target, verb: str = "restored") -> str:
         f" member(s), {r.audit} operator action(s),"
         f" {r.idempotency_restored} idempotency record(s)"
         f" ({r.idempotency_expired} expired, not restored)",
-        f"event stream resumes after {r.last_event_id or '0-0'}; the archiver's group"
-        f" '{GROUP}' is positioned there",
+        f"event stream resumes after {r.last_event_id or '0-0'}; the archiver reads"
+        " after its ledger's cursor there",
     ]
     if t.shards > 1:
         lines.append(f"{t.shards} stock shards: each line's remaining stock split evenly over"

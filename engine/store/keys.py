@@ -108,6 +108,13 @@ class Keys:
         return f"{self.tag}:events"
 
     @property
+    def archived(self) -> str:
+        """String: the last entry id of this shard's stream that the ledger archiver
+        committed to its ledger (and then trimmed). The guard (ledger/guard.py) reads it
+        to tell an older ledger copy; the ledger's own cursor is what archiving uses."""
+        return f"{self.tag}:archived"
+
+    @property
     def notify_channel(self) -> str:
         """Pub/sub channel: stock returned / round changes, for worker caches."""
         return f"{self.tag}:notify"

@@ -10,9 +10,10 @@ batches; one final MULTI writes the campaign, rounds, stock and stats, sets
 over.
 
 The event stream is not refilled (its entries are already in the ledger): it
-is recreated empty, with its last id (XSETID) at the ledger's last event id
-and the archiver's consumer group positioned there, so new XADD ids sort after
-everything archived and the archiver reads only new entries.
+is recreated empty, with its last id (XSETID) at the ledger's last event id, so
+new XADD ids sort after everything archived; the archiver reads after its
+ledger's cursor, so only new entries. The shard's ``archived`` key is set to
+that id, as the archiver leaves it.
 
 Venue API keys (``vkeys``) are not in the ledger and are not rebuilt; with
 ``--force`` over a Redis that still has them, they are left as they are.
@@ -27,7 +28,7 @@ from typing import Any
 
 from ..crashpoint import CrashPoint
 from . import keys as K
-from .streams import GROUP
+from .streams import LEGACY_GROUP
 
 CRASH_ENV = "COUPON_RESTORE_CRASH_POINT"
 DEFAULT_BATCH = 5000
@@ -56,7 +57,7 @@ class Report:
 @dataclass(frozen=True)
 class Stream:
     """One shard's event stream as restore recreates it: empty, its last id at the
-    shard's last archived event, the archiver's group positioned there."""
+    shard's last archived event."""
 
     key: str
     last_id: str | None
@@ -180,21 +181,22 @@ async def apply(client: Any, t: Target, *, batch: int = DEFAULT_BATCH,
     async with client.pipeline(transaction=True) as pipe:
         pipe.set(marker, json.dumps({"last_event_id": t.report.last_event_id}))
         pipe.delete(K.ACTIVE)
-        for st in t.streams:
-            pipe.delete(st.key)
-            if st.last_id is None:
-                pipe.execute_command("XGROUP", "CREATE", st.key, GROUP, "0", "MKSTREAM")
-            else:
-                pipe.execute_command("XGROUP", "CREATE", st.key, GROUP, st.last_id, "MKSTREAM",
-                                     "ENTRIESREAD", st.entries_added)
+        for st, sk in zip(t.streams, t.shard_keys, strict=True):
+            pipe.delete(st.key, sk.archived)
+            # An empty stream needs a group to exist (XGROUP CREATE MKSTREAM); none is
+            # kept, the archiver reads by its ledger's cursor.
+            pipe.execute_command("XGROUP", "CREATE", st.key, LEGACY_GROUP, "0", "MKSTREAM")
+            pipe.execute_command("XGROUP", "DESTROY", st.key, LEGACY_GROUP)
+            if st.last_id is not None:
                 # (max-deleted-entry-id stays 0-0: the archiver trims, it never XDELs.)
                 pipe.execute_command("XSETID", st.key, st.last_id,
                                      "ENTRIESADDED", st.entries_added)
+                pipe.set(sk.archived, st.last_id)
         await pipe.execute()
 
     # 2. Clear what a previous run (or the replaced state) left. Venue API keys
     #    are not in the ledger: those still present (--force) are kept.
-    keep = {marker, *(st.key for st in t.streams)}
+    keep = {marker, *(st.key for st in t.streams), *(sk.archived for sk in t.shard_keys)}
     vkeys = k.venue_keys("")
     stale = []
     for sk in t.shard_keys:
