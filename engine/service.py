@@ -90,6 +90,8 @@ GRAB_REFUSALS: dict[GrabOutcome, type[errors.EngineError]] = {
     GrabOutcome.IDEMPOTENCY_REUSED: errors.IdempotencyKeyReused,
     GrabOutcome.ROUND_PAUSED: errors.RoundPaused,
 }
+# The grab counter's outcome label, computed once rather than per grab.
+_GRAB_LABELS = {oc: oc.name.lower() for oc in GrabOutcome}
 REDEEM_REFUSALS: dict[RedeemOutcome, type[errors.EngineError]] = {
     RedeemOutcome.NOT_FOUND: errors.CouponNotFound,
     RedeemOutcome.WRONG_VENUE: errors.WrongVenue,
@@ -290,7 +292,7 @@ class Engine:
         elif line in self.state.sold_out:
             known = GrabOutcome.SOLD_OUT
         if known is not None and not await self._may_replay(member_id, idem_key):
-            self.metrics.grab(round_id, known.name.lower())
+            self.metrics.grab(round_id, _GRAB_LABELS[known])
             return self.refusal(GRAB_REFUSALS[known])
         # metrics.script's timing, without a generator-based context manager per grant.
         t0 = time.perf_counter()
@@ -301,7 +303,7 @@ class Engine:
         if res.outcome is GrabOutcome.SOLD_OUT and self.store.shards > 1:
             res = await self._grab_after_refill(res, member_id, round_id, venue_id, idem_key)
         self.state.observe_clock(res.now_ms)
-        self.metrics.grab(round_id, res.outcome.name.lower())
+        self.metrics.grab(round_id, _GRAB_LABELS[res.outcome])
         return self._grab_reply(res, member_id, round_id, venue_id, line)
 
     def refusal(self, cls: type[errors.EngineError], at_ms: int = 0) -> errors.EngineError:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import msgspec
-from aiohttp import web
+from aiohttp import StreamReader, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import errors
@@ -120,11 +120,7 @@ async def read_body(request: web.BaseRequest, timeout: float) -> bytes:
     limit (400) and after the client timeout (400; the connection is then closed)."""
     content = request.content
     if content.is_eof():
-        # All of it came with the headers (the usual case): no waiting, no timer.
-        data = content.read_nowait()
-        if len(data) > MAX_BODY:
-            raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
-        return data
+        return _arrived(content)
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
     # ``read(n)`` returns what has arrived so far, not n bytes: read to the end.
@@ -143,12 +139,24 @@ async def read_body(request: web.BaseRequest, timeout: float) -> bytes:
     return b"".join(parts)
 
 
+def _arrived(content: StreamReader) -> bytes:
+    """A body that came whole with the headers (the usual case): no waiting, no timer."""
+    data = content.read_nowait()
+    if len(data) > MAX_BODY:
+        raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
+    return data
+
+
 async def _body(request: web.BaseRequest, decoder: msgspec.json.Decoder,
                 timeout: float | None = None) -> object:
-    if timeout is None:
-        assert isinstance(request, web.Request)
-        timeout = request.app[BODY_TIMEOUT]
-    raw = await read_body(request, timeout)
+    content = request.content
+    if content.is_eof():
+        raw = _arrived(content)  # without read_body's coroutine: every grab comes here
+    else:
+        if timeout is None:
+            assert isinstance(request, web.Request)
+            timeout = request.app[BODY_TIMEOUT]
+        raw = await read_body(request, timeout)
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:

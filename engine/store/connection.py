@@ -176,12 +176,19 @@ async def wired(op: Awaitable[T]) -> T:
     """``guarded`` for the hot path's wire: the same failures become ``Unavailable``."""
     try:
         return await op
-    except WireError as exc:
-        raise _redis_errors_to_unavailable(exc) from exc
-    except ReplyError as exc:
-        if exc.prefix in _UNAVAILABLE_PREFIXES:
-            raise _redis_errors_to_unavailable(exc) from exc
-        raise
+    except (WireError, ReplyError) as exc:
+        failure = wire_unavailable(exc)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def wire_unavailable(exc: WireError | ReplyError) -> Unavailable | None:
+    """The ``Unavailable`` a wire failure is (``wired``'s rule, for callers that catch
+    it themselves), or None for a reply error that is the script's own."""
+    if isinstance(exc, ReplyError) and exc.prefix not in _UNAVAILABLE_PREFIXES:
+        return None
+    return _redis_errors_to_unavailable(exc)
 
 
 async def run_script(client: AnyClient, script: scripts.Script, call: scripts.Call) -> Any:

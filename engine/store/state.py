@@ -38,6 +38,7 @@ from .connection import (
     release,
     run_script,
     wire_for,
+    wire_unavailable,
     wired,
 )
 from .scripts import (
@@ -53,7 +54,7 @@ from .scripts import (
     VoidOutcome,
 )
 from .transfers import Transfers
-from .wire import Framed, Wire, framed
+from .wire import Framed, ReplyError, Wire, WireError, framed
 
 log = logging.getLogger("engine.store")
 
@@ -200,8 +201,15 @@ class Store:
         await self.redis.aclose()
 
     async def _run(self, script: Script, call: tuple[list[Arg], list[Arg]]) -> Any:
-        """One script call on the hot path; store failures become ``Unavailable``."""
-        return await wired(self.wire.evalsha(script, *call))
+        """One script call on the hot path; store failures become ``Unavailable``
+        (``wired``'s rule, without its coroutine around every grab)."""
+        try:
+            return await self.wire.evalsha(script, *call)
+        except (WireError, ReplyError) as exc:
+            failure = wire_unavailable(exc)
+            if failure is None:
+                raise
+            raise failure from exc
 
     async def ping(self) -> bool:
         try:
