@@ -3,8 +3,8 @@
 A real ``serve`` with small bounds (client timeout 1 s, keep-alive 4 s, a cap of 40
 connections) and raw sockets that behave like the clients in the issue: sockets that
 send nothing, headers that stop halfway or trickle in, kept-alive connections that
-come back for a second request, and more connections than the cap. Every test runs on both event loops the workers can
-run on (COUPON_EVENT_LOOP: uvloop, asyncio's own).
+come back for a second request, and more connections than the cap. Every test runs
+on both event loops the workers can run on (COUPON_EVENT_LOOP: uvloop, asyncio's own).
 """
 
 from __future__ import annotations

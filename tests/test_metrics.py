@@ -379,21 +379,27 @@ def test_process_gauges_per_live_process(tmp_path: Path, redis_url: str) -> None
     dies drops out of the scrape, its replacement appears."""
     import re
     with serve_workers(tmp_path, redis_url) as eng:
+        cpu: dict[str, float] = {}
+
         def pids() -> dict[str, set[str]]:
+            # Memory and CPU from one scrape: each worker renders /metrics at most once
+            # a second, so two scrapes may be answered from two renders of different age.
             out: dict[str, set[str]] = {}
+            cpu.clear()
             for (name, labels), v in samples(eng.scrape()).items():
+                d = dict(labels)
                 if name == "coupon_process_resident_memory_bytes":
-                    d = dict(labels)
                     assert v > 1_000_000, d   # a Python process holds megabytes
                     out.setdefault(d["role"], set()).add(d["pid"])
+                elif name == "coupon_process_cpu_seconds":
+                    cpu[d["pid"]] = v
             return out
         deadline = time.monotonic() + 15
-        while len((got := pids()).get("worker", ())) < 2 or not got.get("archiver"):
-            assert time.monotonic() < deadline, got
+        while (len((got := pids()).get("worker", ())) < 2 or not got.get("archiver")
+               or set(cpu) != got["worker"] | got["archiver"]):
+            assert time.monotonic() < deadline, (got, cpu)
             time.sleep(0.3)
-        cpu = {dict(lab)["pid"]: v for (n, lab), v in samples(eng.scrape()).items()
-               if n == "coupon_process_cpu_seconds"}
-        assert set(cpu) == got["worker"] | got["archiver"] and all(v > 0 for v in cpu.values())
+        assert all(v > 0 for v in cpu.values()), cpu
         victim = sorted(got["worker"])[0]
         assert re.fullmatch(r"\d+", victim)
         os.kill(int(victim), signal.SIGKILL)
