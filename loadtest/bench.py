@@ -177,7 +177,7 @@ class Result:
 
 # --- phase 1: the ceiling app ------------------------------------------------------------
 
-def _ceiling_worker(port: int) -> None:
+def _ceiling_worker(port: int, event_loop: str = "uvloop") -> None:
     from aiohttp import web
 
     body = b'{"ok":true}'
@@ -188,12 +188,13 @@ def _ceiling_worker(port: int) -> None:
     app = web.Application()
     app.router.add_get("/", hello)
     app.router.add_post("/v1/rounds/{round_id}/grab", hello)
-    serve_forever(app, port)
+    serve_forever(app, port, event_loop)
 
 
-def serve_forever(app: Any, port: int) -> None:
+def serve_forever(app: Any, port: int, event_loop: str = "uvloop") -> None:
     """Serve an aiohttp app on 127.0.0.1:port (SO_REUSEPORT, as the engine's workers)
-    under uvloop until SIGTERM: one process of a ceiling or probe app."""
+    under uvloop (or asyncio's own loop, as COUPON_EVENT_LOOP) until SIGTERM: one
+    process of a ceiling or probe app."""
     import asyncio
 
     import uvloop
@@ -206,12 +207,17 @@ def serve_forever(app: Any, port: int) -> None:
         await asyncio.Event().wait()
 
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    uvloop.run(run())
+    if event_loop == "asyncio":
+        asyncio.run(run())
+    else:
+        uvloop.run(run())
 
 
-def start_ceiling(port: int, workers: int) -> list[mp.process.BaseProcess]:
+def start_ceiling(port: int, workers: int,
+                  event_loop: str = "uvloop") -> list[mp.process.BaseProcess]:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_ceiling_worker, args=(port,), daemon=True) for _ in range(workers)]
+    procs = [ctx.Process(target=_ceiling_worker, args=(port, event_loop), daemon=True)
+             for _ in range(workers)]
     for p in procs:
         p.start()
     wait_http(f"http://127.0.0.1:{port}/")

@@ -3,6 +3,7 @@ connections, with wrk (closed loop, ``--timeout 5s``).
 
     .venv/bin/python loadtest/overload.py [--connections 64,1024,4000] [--duration 8]
                                           [--repeat 3] [--workers 2] [--json FILE]
+                                          [--event-loop uvloop|asyncio]
 
 wrk keeps every connection busy with exactly one request, so the mean latency is
 connections / answers per second; a server that serves its connections fairly
@@ -17,7 +18,8 @@ tomorrow (409 round_not_open, new members, no Idempotency-Key: the worker answer
 without Redis); ``grab`` is a grab with stock left (201, a new member per
 request). Each run starts after the members of the previous one. The engine is
 `coupon-engine serve --workers N` on its embedded Redis (appendfsync always), and the
-ceiling app bench.py's; both are started and stopped here, by pid.
+ceiling app bench.py's; both are started and stopped here, by pid. ``--event-loop``
+runs both on that loop (the engine through COUPON_EVENT_LOOP).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=600_000)
     p.add_argument("--paths", default="bare,refusal,grab")
+    p.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--json", type=Path)
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
@@ -133,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return start
 
     try:
-        print(f"overload: {args.workers} workers, {args.wrk_threads} wrk threads, "
-              f"{args.duration} s x{args.repeat} per cell", flush=True)
+        print(f"overload: {args.workers} workers on {args.event_loop}, {args.wrk_threads} wrk"
+              f" threads, {args.duration} s x{args.repeat} per cell", flush=True)
         if "bare" in paths:
             port = free_port()
-            ceiling = start_ceiling(port, args.workers)
+            ceiling = start_ceiling(port, args.workers, args.event_loop)
             bare_tokens = tmp / "bare-tokens.txt"
             write_tokens(bare_tokens, "overload-bare-secret-0123456789abcdef", 20_000)
             for conns in crowds:
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.kill(proc.pid, signal.SIGTERM)
                 proc.join(10)
             ceiling = []
-        engine = Engine(tmp, args.workers)
+        engine = Engine(tmp, args.workers, env={"COUPON_EVENT_LOOP": args.event_loop})
         tokens = tmp / "tokens.txt"
         write_tokens(tokens, engine.member_secret, args.tokens)
         start = 0

@@ -144,9 +144,11 @@ def expect() -> Any:
 # --- the member page ----------------------------------------------------------------
 
 def test_countdown_and_buttons_follow_the_engine_clock_not_the_phone(
-        member_engine: Serve, phone: Any, tmp_path: Path) -> None:
+        phone: Any, member_engine: Serve, tmp_path: Path) -> None:
     """Two phones, one 5 minutes slow and one 3 minutes fast: both count down to the
-    engine's opening and enable their grab buttons at it; then a grab, its coupon, its QR."""
+    engine's opening and enable their grab buttons at it; then a grab, its coupon, its QR.
+    (``phone`` first: the browser and its camera file are made before the engine starts
+    the round's countdown, which a slow machine could otherwise spend on them.)"""
     serve = member_engine
     assert serve.opens_at is not None
     opens = serve.opens_at.timestamp()
