@@ -670,7 +670,8 @@ class Engine:
                 async for msg in self.store.subscribe_notifications():
                     if self._stopping:
                         return
-                    self.notice(msg)
+                    if msg is not None:
+                        self.notice(msg)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnect after any failure

@@ -297,7 +297,8 @@ async def test_a_void_reaches_the_notify_subscriber(
 
     async def listen() -> None:
         async for msg in store.subscribe_notifications():
-            await got.put(msg)
+            if msg is not None:
+                await got.put(msg)
 
     task = asyncio.create_task(listen())
     try:

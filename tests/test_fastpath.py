@@ -111,6 +111,20 @@ async def test_background_loops_end_on_stop_even_without_a_cancellation(
     await asyncio.wait_for(poller, timeout=2.0)
 
 
+async def test_the_notify_listener_ends_on_stop_without_a_cancellation(
+        make_engine, redis_url) -> None:
+    """The same for the listener, whose read would otherwise block until the next
+    message: the subscription ticks, so stop() alone ends it within a tick."""
+    from engine.http.handlers import ENGINE
+    e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
+    engine = e.client.server.app[ENGINE]
+    listener = asyncio.create_task(engine.listen_forever())
+    await asyncio.sleep(0.3)
+    assert not listener.done()
+    engine.stop()
+    await asyncio.wait_for(listener, timeout=3.0)
+
+
 async def test_a_keyed_retry_after_the_close_still_gets_its_coupon(make_engine, redis_url) -> None:
     """The worker answers round_closed without Redis, but not to a keyed retry whose
     first attempt was granted: that retry replays the coupon."""

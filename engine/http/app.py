@@ -91,6 +91,11 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         _, stuck = await asyncio.wait(tasks, timeout=5.0)
         for t in stuck:
             log.error("background task %s did not stop within 5 s", t.get_name())
+            # Again: a clean-up of its own that hangs is interrupted too, so the task is
+            # done before the loop closes (else: "Task was destroyed but it is pending").
+            t.cancel()
+        if stuck:
+            await asyncio.wait(stuck, timeout=1.0)
         await engine.close()
 
     app.cleanup_ctx.append(engine_ctx)

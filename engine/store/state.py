@@ -59,6 +59,8 @@ from .wire import Framed, ReplyError, Wire, WireError, framed
 log = logging.getLogger("engine.store")
 
 _CODE_ATTEMPTS = 4
+# Seconds of silence after which the notify subscription yields None (subscribe_notifications).
+NOTIFY_TICK_S = 1.0
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, and a
@@ -485,8 +487,12 @@ class Store:
             return None
         return venue_id
 
-    async def subscribe_notifications(self) -> AsyncIterator[str]:
-        """Messages on the campaign's notify channel, until cancelled."""
+    async def subscribe_notifications(self, tick_s: float = NOTIFY_TICK_S
+                                      ) -> AsyncIterator[str | None]:
+        """Messages on the campaign's notify channel, and None after each ``tick_s``
+        without one, until the consumer stops or cancels. The ticks let the consumer
+        notice ``Engine.stop()`` without a cancellation, which a read blocked in redis-py
+        can swallow (then the listener outlived the app's shutdown)."""
         # On a cluster a PUBLISH (void.lua's included) reaches subscribers on every
         # node; we subscribe on the primary serving the campaign's slot, with a
         # plain connection of our own (see docs/cluster.md).
@@ -494,9 +500,12 @@ class Store:
         pubsub = node.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.keys.notify_channel)
-            async for msg in pubsub.listen():
+            while True:
+                msg = await pubsub.get_message(timeout=tick_s)
                 if msg and msg.get("type") == "message":
                     yield str(msg["data"])
+                elif msg is None:
+                    yield None
         finally:
             await pubsub.aclose()
             await release(self.redis, node)
