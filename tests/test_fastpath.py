@@ -6,6 +6,7 @@ import asyncio
 import time
 from datetime import timedelta
 
+import pytest
 import redis.asyncio as aioredis
 from conftest import campaign_toml, open_round, redis_now
 
@@ -97,32 +98,21 @@ async def test_keyed_retry_at_a_sold_out_venue_still_finds_its_coupon(
     assert (await grab(e, "y", key="fresh"))[1]["error"]["code"] == "sold_out"
 
 
+@pytest.mark.parametrize("loop", ["poll_forever", "listen_forever"])
 async def test_background_loops_end_on_stop_even_without_a_cancellation(
-        make_engine, redis_url) -> None:
+        make_engine, redis_url, loop: str) -> None:
     """A client library can swallow a cancellation that races its own timeout; the
-    shutdown must not depend on it: stop() alone ends the poller within one poll."""
+    shutdown must not depend on it: stop() alone ends the poller within one poll, and
+    the notify listener (whose read would otherwise block until the next message)
+    within one tick of its subscription."""
     from engine.http.handlers import ENGINE
     e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
     engine = e.client.server.app[ENGINE]
-    poller = asyncio.create_task(engine.poll_forever())
-    await asyncio.sleep(0.1)
-    assert not poller.done()
-    engine.stop()
-    await asyncio.wait_for(poller, timeout=2.0)
-
-
-async def test_the_notify_listener_ends_on_stop_without_a_cancellation(
-        make_engine, redis_url) -> None:
-    """The same for the listener, whose read would otherwise block until the next
-    message: the subscription ticks, so stop() alone ends it within a tick."""
-    from engine.http.handlers import ENGINE
-    e = await make_engine(campaign_toml(rounds=[open_round(redis_url)]))
-    engine = e.client.server.app[ENGINE]
-    listener = asyncio.create_task(engine.listen_forever())
+    task = asyncio.create_task(getattr(engine, loop)())
     await asyncio.sleep(0.3)
-    assert not listener.done()
+    assert not task.done()
     engine.stop()
-    await asyncio.wait_for(listener, timeout=3.0)
+    await asyncio.wait_for(task, timeout=3.0)
 
 
 async def test_a_keyed_retry_after_the_close_still_gets_its_coupon(make_engine, redis_url) -> None:
