@@ -83,9 +83,13 @@ def json_response(payload: object, status: int = 200) -> web.Response:
     return web.Response(body=encoder.encode(payload), status=status, content_type=_JSON)
 
 
-def error_response(exc: errors.EngineError) -> web.Response:
+def error_answer(exc: errors.EngineError) -> Answer:
     """The contract's JSON error for an engine error (raised or returned)."""
-    return as_response(Answer(exc.status, exc.encoded(), exc.headers))
+    return Answer(exc.status, exc.encoded(), exc.headers)
+
+
+def error_response(exc: errors.EngineError) -> web.Response:
+    return as_response(error_answer(exc))
 
 
 def answer_error(request: web.BaseRequest, exc: Exception) -> web.Response:
@@ -115,12 +119,11 @@ def answer_error(request: web.BaseRequest, exc: Exception) -> web.Response:
 
 
 async def read_body(request: web.BaseRequest, timeout: float) -> bytes:
-    """The whole body, however it arrives: in the headers' segment or after them, in
-    pieces over a slow network, or chunked without a Content-Length. Stops at the
-    limit (400) and after the client timeout (400; the connection is then closed)."""
+    """The whole body when it did not all come with the headers (``_body`` takes that
+    case without a coroutine): in pieces over a slow network, or chunked without a
+    Content-Length. Stops at the limit (400) and after the client timeout (400; the
+    connection is then closed)."""
     content = request.content
-    if content.is_eof():
-        return _arrived(content)
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise errors.InvalidRequest(f"body larger than {MAX_BODY} bytes")
     # ``read(n)`` returns what has arrived so far, not n bytes: read to the end.
@@ -177,7 +180,7 @@ async def grab_answer(engine: Engine, body_timeout: float, request: web.BaseRequ
     engine.rate_limit_member(member)
     res = await engine.grab(member, round_id, body.venue_id, idem)  # type: ignore[attr-defined]
     if isinstance(res, errors.EngineError):
-        return Answer(res.status, res.encoded(), res.headers)
+        return error_answer(res)
     return Answer(201, encoder.encode(CouponReply(res)))
 
 

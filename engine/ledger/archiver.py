@@ -51,7 +51,7 @@ from ..store.connection import AnyClient, open_client
 from ..store.loading import shard_count
 from ..store.settled import mark_settled
 from ..store.streams import LEGACY_GROUP, shard_streams
-from .db import Ledger, ledger_event_id
+from .db import Ledger, ledger_event_id, stream_id_key
 
 log = logging.getLogger("engine.archiver")
 
@@ -149,7 +149,7 @@ async def _archive_stream(client: AnyClient, ledger: Ledger, cid: str, shard: in
     legacy = after is None
     if after is not None and trim:
         # A crash between a commit and its trim left that batch in Redis.
-        await client.xtrim(stream, minid=_next_id(after), approximate=False)
+        await _trim_through(client, stream, after)
     total = 0
     while True:
         entries = await read_after(client, stream, after, batch)
@@ -183,7 +183,7 @@ async def _release(client: AnyClient, k: keys.Keys, archived: str, trim: bool) -
     (two round trips per batch of thousands: not worth a pipeline)."""
     await client.set(k.archived, archived)
     if trim:
-        await client.xtrim(k.events, minid=_next_id(archived), approximate=False)
+        await _trim_through(client, k.events, archived)
 
 
 async def _drop_legacy_group(client: AnyClient, stream: str) -> None:
@@ -195,14 +195,11 @@ async def _drop_legacy_group(client: AnyClient, stream: str) -> None:
         pass  # no stream: nothing to drop
 
 
-def _parse_id(eid: str) -> tuple[int, int]:
-    ms, _, seq = eid.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _next_id(eid: str) -> str:
-    ms, seq = _parse_id(eid)
-    return f"{ms}-{seq + 1}"
+async def _trim_through(client: AnyClient, stream: str, eid: str) -> int:
+    """Drop ``stream``'s entries up to and including ``eid``, exactly (an approximate
+    trim could leave archived entries in the lag); returns how many went."""
+    ms, seq = stream_id_key(eid)
+    return int(await client.xtrim(stream, minid=f"{ms}-{seq + 1}", approximate=False))
 
 
 async def trim_archived(client: AnyClient, ledger: Ledger, campaign_id: str, shard: int
@@ -213,7 +210,7 @@ async def trim_archived(client: AnyClient, ledger: Ledger, campaign_id: str, sha
     if after is None:
         return 0
     stream = keys.Keys(campaign_id, shard).events
-    return int(await client.xtrim(stream, minid=_next_id(after), approximate=False))
+    return await _trim_through(client, stream, after)
 
 
 async def trim_campaign(client: AnyClient, ledger: Ledger, campaign_id: str) -> int:

@@ -180,7 +180,8 @@ def split_event_id(event_id: str) -> tuple[int, str]:
     return (int(shard), stream_id) if sep else (0, event_id)
 
 
-def _stream_id_key(stream_id: str) -> tuple[int, int]:
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """A Redis stream id '<ms>-<seq>' as a sortable (ms, seq): '999-0' < '1000-0'."""
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -194,8 +195,7 @@ def event_id_key(event_id: str) -> tuple[int, int, int]:
     number only breaking ties between identical ids.
     """
     shard, stream_id = split_event_id(event_id)
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0), shard
+    return (*stream_id_key(stream_id), shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +357,7 @@ class Ledger:
 
     def _advance(self, campaign_id: str, cursor: tuple[int, str] | None) -> None:
         if cursor is not None:
-            ms, seq = _stream_id_key(cursor[1])
+            ms, seq = stream_id_key(cursor[1])
             self.db.execute(_ADVANCE_CURSOR, (campaign_id, cursor[0], ms, seq))
 
     def cursor(self, campaign_id: str, shard: int) -> str | None:

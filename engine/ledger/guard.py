@@ -50,7 +50,7 @@ from ..store import keys
 from ..store.connection import AnyClient
 from ..store.loading import load_campaign, shard_count
 from ..store.streams import LEGACY_GROUP
-from .db import Ledger
+from .db import Ledger, stream_id_key
 
 RESTORE_DOC = '(docs/ledger.md, "Restore")'
 
@@ -68,11 +68,6 @@ class StreamPosition:
     last_generated: tuple[int, int] = (0, 0)
     entries_added: int | None = None
     acknowledged: tuple[int, int] | None = None
-
-
-def _sid(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _fmt(sid: tuple[int, int]) -> str:
@@ -95,8 +90,8 @@ async def stream_position(client: AnyClient, k: keys.Keys) -> StreamPosition:
         return StreamPosition(exists=False)
     added = info.get("entries-added")
     archived = await client.get(k.archived)
-    acked = _sid(archived) if archived else await _legacy_acknowledged(client, stream)
-    return StreamPosition(True, _sid(info["last-generated-id"]),
+    acked = stream_id_key(archived) if archived else await _legacy_acknowledged(client, stream)
+    return StreamPosition(True, stream_id_key(info["last-generated-id"]),
                           None if added is None else int(added), acked)
 
 
@@ -109,13 +104,13 @@ async def _legacy_acknowledged(client: AnyClient, stream: str) -> tuple[int, int
     group = next((g for g in groups if g.get("name") == LEGACY_GROUP), None)
     if group is None or not group.get("last-delivered-id"):
         return None
-    delivered = _sid(group["last-delivered-id"])
+    delivered = stream_id_key(group["last-delivered-id"])
     if not int(group.get("pending") or 0):
         return delivered  # nothing pending: everything delivered was acknowledged
     summary = await client.xpending(stream, LEGACY_GROUP)
     top = summary.get("max") if summary else None
     # The last delivered entry is not pending: it was acknowledged.
-    return delivered if top and _sid(top) < delivered else None
+    return delivered if top and stream_id_key(top) < delivered else None
 
 
 async def refuse_lost_state(client: AnyClient, settings: Settings, campaign_id: str) -> None:
@@ -151,13 +146,13 @@ async def refuse_lost_state(client: AnyClient, settings: Settings, campaign_id: 
         if last is not None:
             if not pos.exists:
                 raise LostState(f"{behind}, and Redis has no such stream{fix}")
-            if _sid(last) > pos.last_generated:
+            if stream_id_key(last) > pos.last_generated:
                 raise LostState(f"{behind}, and Redis's stream ends at"
                                 f" {_fmt(pos.last_generated)}{fix}")
             if pos.entries_added is not None and count > pos.entries_added:
                 raise LostState(f"{behind}, and Redis's stream ever held"
                                 f" {pos.entries_added}{fix}")
-        archived = _sid(last) if last is not None else (0, 0)
+        archived = stream_id_key(last) if last is not None else (0, 0)
         if settings.archiver and pos.acknowledged is not None and pos.acknowledged > archived:
             raise LostState(
                 f"this Redis's archiver archived (acknowledged) events of {where} of campaign"
