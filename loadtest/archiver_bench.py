@@ -22,6 +22,12 @@ parent reads the redis-server's CPU (INFO cpu) and its AOF size (INFO persistenc
 around the pass too: Redis's share of reading, acknowledging and trimming, and what
 the archiver's commands add to the append-only file.
 
+Since schema v6 the archiver only appends events and ``coupons`` is derived from them
+by the first reader (reconcile, settle, statement: ``Ledger.derive_coupons``). So that
+the cost moved there is shown too, each repeat of a checkout that has it ends with a
+derivation of that repeat's events in a fresh child (CPU per event, column "derive";
+the prefilled events are derived before the first repeat, unmeasured).
+
 With ``--baseline-ref REF`` the same passes also run on a ``git worktree`` of REF
 (made in a temporary directory, removed after), old and new interleaved in every
 repeat, each on its own ledger file. Printed: medians over the repeats, µs per event.
@@ -82,6 +88,22 @@ async def main():
 uvloop.run(main())
 """
 
+# Derive coupons from the events archived since the last derivation (schema v6 on).
+DERIVE_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from engine.ledger.db import Ledger
+
+with Ledger(sys.argv[2]) as ledger:
+    if not hasattr(ledger, "derive_coupons"):
+        print(json.dumps({"applied": -1, "cpu_s": 0.0}))
+        raise SystemExit(0)
+    t0 = time.process_time()
+    n = ledger.derive_coupons()
+    t1 = time.process_time()
+print(json.dumps({"applied": n, "cpu_s": t1 - t0}))
+"""
+
 
 def redis_cpu(r: object) -> float:
     info = r.info("cpu")  # type: ignore[attr-defined]
@@ -92,6 +114,12 @@ def archive_pass(root: Path, url: str, ledger: Path, batch: int = 0) -> dict[str
     argv = [sys.executable, "-c", CHILD, str(root), url, str(ledger)]
     out = subprocess.run(argv + ([str(batch)] if batch else []), check=True,
                          capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def derive_pass(root: Path, ledger: Path) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", DERIVE_CHILD, str(root), str(ledger)],
+                         check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -178,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         results: dict[str, dict[str, list[float]]] = {
             name: {"grant": [], "redeem": [], "grant_redis": [], "redeem_redis": [],
                    "grant_wall": [], "redeem_wall": [], "grant_sys": [],
-                   "redeem_sys": [], "grant_aof": [], "redeem_aof": []}
+                   "redeem_sys": [], "grant_aof": [], "redeem_aof": [], "derive": []}
             for name, _ in variants}
         # A first pass copies the campaign into each ledger
         # and archives --prefill grants there (half of them redeemed): what the ledger
@@ -195,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
                 archive_pass(root, node.url, ledger_of(name))
                 done += n
             archive_pass(root, node.url, ledger_of(name))
+            derive_pass(root, ledger_of(name))
         print(f"archiver_bench: {args.events} grants + {args.events} redemptions per pass, "
               f"{args.shards} shard(s), {args.repeat} repeat(s), ledgers prefilled with "
               f"{args.prefill} grants, "
@@ -214,22 +243,32 @@ def run(args: argparse.Namespace) -> int:
                     res[f"{kind}_wall"].append(m["wall_s"] * 1e6 / args.events)
                     res[f"{kind}_sys"].append(m["sys_s"] * 1e6 / args.events)
                     res[f"{kind}_aof"].append(m["aof_b"] / args.events)
+                dv = derive_pass(root, ledger)
+                if dv["applied"] >= 0:
+                    if dv["applied"] != 2 * args.events:
+                        raise SystemExit(f"derived {dv['applied']} events, expected "
+                                         f"{2 * args.events}")
+                    res["derive"].append(dv["cpu_s"] * 1e6 / dv["applied"])
                 print(f"  repeat {rep + 1} {name}: grant {res['grant'][-1]:.1f} µs, "
                       f"redeem {res['redeem'][-1]:.1f} µs (archiver CPU per event; "
-                      f"Redis {res['grant_redis'][-1]:.1f} / {res['redeem_redis'][-1]:.1f})",
-                      flush=True)
+                      f"Redis {res['grant_redis'][-1]:.1f} / {res['redeem_redis'][-1]:.1f}"
+                      + (f"; derive {res['derive'][-1]:.1f} µs/event" if res["derive"] else "")
+                      + ")", flush=True)
         r.close()
         print()
         print("| variant | archiver CPU µs/grant | µs/redemption | of which kernel "
               "µs/grant | µs/redemption | Redis µs/grant | Redis µs/redemption "
-              "| wall µs/grant | wall µs/redemption | Redis AOF B/event |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| wall µs/grant | wall µs/redemption | Redis AOF B/event "
+              "| derive µs/event (first reader) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, _ in variants:
-            m = {k: statistics.median(v) for k, v in results[name].items()}
+            m = {k: statistics.median(v) if v else float("nan")
+                 for k, v in results[name].items()}
+            derive = f"{m['derive']:.1f}" if results[name]["derive"] else "—"
             print(f"| {name} | {m['grant']:.1f} | {m['redeem']:.1f} | {m['grant_sys']:.1f} "
                   f"| {m['redeem_sys']:.1f} | {m['grant_redis']:.1f} "
                   f"| {m['redeem_redis']:.1f} | {m['grant_wall']:.1f} | {m['redeem_wall']:.1f} "
-                  f"| {(m['grant_aof'] + m['redeem_aof']) / 2:.0f} |")
+                  f"| {(m['grant_aof'] + m['redeem_aof']) / 2:.0f} | {derive} |")
     finally:
         node.stop()
         if worktree is not None:

@@ -159,7 +159,11 @@ async def make_engine(redis_url: str, tmp_path: Path, aredis: aioredis.Redis):
     async def make(text: str, **settings_kw: object) -> EngineUnderTest:
         c = cmp.parse_campaign(text)
         await load_campaign(aredis, c, int(settings_kw.get("stock_shards", 1)))  # type: ignore[call-overload]
-        kw: dict[str, object] = {"member_rate": 1000.0, "member_burst": 1000}
+        # A generous Redis timeout: these tests are about answers, not about a stalled
+        # Redis (the fault suite sets its own), and with appendfsync always one fsync on
+        # a loaded CI disk has taken over the default second (a 503 mid-test).
+        kw: dict[str, object] = {"member_rate": 1000.0, "member_burst": 1000,
+                                 "redis_timeout": 5.0}
         kw.update(settings_kw)
         settings = Settings(data_dir=tmp_path / "var", redis_url=redis_url,
                             member_jwt_secret=SECRET, admin_token=ADMIN, **kw)  # type: ignore[arg-type]

@@ -43,6 +43,7 @@ import aiohttp
 import redis
 
 from engine.auth import mint_member_token
+from engine.ledger import Ledger
 from engine.store import keys as K
 from engine.store import records
 from engine.store.embedded import EmbeddedRedis
@@ -430,6 +431,10 @@ def _check_ledger(path: Path, coupons: dict[str, dict[str, str]]) -> list[str]:
     problems = []
     if not path.exists():
         return [f"no ledger at {path}"] if coupons else []
+    # coupons is derived from events when read (docs/ledger.md): bring it up to date, as
+    # any of the engine's readers would, then read the file as it is.
+    with Ledger(path) as led:
+        led.derive_coupons()
     with contextlib.closing(sqlite3.connect(path)) as db:
         dups = db.execute("SELECT type, code, count(*) FROM events GROUP BY type, code"
                           " HAVING count(*) > 1").fetchall()

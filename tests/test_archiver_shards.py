@@ -112,6 +112,7 @@ async def test_every_shard_is_archived_exactly_once(world: ShardedWorld, aredis:
         assert await archiver.archive_once(aredis, led, batch=16) == 0
         assert led.event_count() == len(expected)
         # Coupons of every shard are derived, not only shard 0's.
+        led.derive_coupons()
         n_coupons = led.db.execute("SELECT count(*) FROM coupons").fetchone()[0]
         assert n_coupons == 20 + 30 + 40
         assert led.shard_count(world.c.id) == S
@@ -135,6 +136,7 @@ async def test_identical_stream_ids_in_two_shards_both_land(
         got = set(led.event_ids())
         assert {"99999999999999-0", "1/99999999999999-0", "2/99999999999999-0"} <= got
         assert got == set(world.all_expected())
+        led.derive_coupons()
         venues = led.db.execute(
             "SELECT count(*) FROM coupons WHERE venue_id = 'V02'").fetchone()[0]
         assert venues == S

@@ -19,6 +19,7 @@ from engine import campaign as cmp
 from engine import codes
 from engine.campaign import Campaign
 from engine.ledger import Ledger, LedgerError, archiver
+from engine.ledger import db as ledger_db
 from engine.store import keys, streams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,37 +115,139 @@ async def test_archive_once_moves_everything_once(world: World, aredis: aioredis
         assert await streams.lag(aredis, world.c.id) == 0
         # Archived and acknowledged entries are trimmed away.
         assert await aredis.xlen(world.k.events) == 0
+        led.derive_coupons()
         statuses = dict(led.db.execute("SELECT status, count(*) FROM coupons GROUP BY status"))
         assert statuses["redeemed"] == 100
         assert sum(statuses.values()) == 300
         assert led.campaign() == world.c
 
 
-def test_batched_insert_matches_one_by_one(tmp_path: Path) -> None:
-    """insert_events' batched path (runs of one type, executemany) leaves the same rows as
-    the row-by-row path, for a batch mixing types and codes, a partly re-delivered batch
-    and one with an operator's action in it."""
-    def ev(i: int, etype: str, code: str, **extra: str) -> tuple[str, dict[str, str]]:
-        f = {"type": etype, "code": code * 17, "round": "R1", "venue": "V01", "member": code,
-             "at": str(100 + i), **extra}
-        return f"{i}-0", f
-    first = [ev(1, "grant", "A", idem=""), ev(2, "grant", "B", idem="k"), ev(3, "redeem", "A"),
-             ev(4, "void", "B", restocked="1"), ev(5, "grant", "C", idem=""), ev(6, "void", "A",
-                                                                               restocked="0")]
-    again = first[4:] + [ev(7, "redeem", "C"), ev(8, "grant", "D", idem="")]
-    audit = [ev(9, "reverse", "C", actor="op", reason="r"), ev(10, "grant", "E", idem="")]
+def _ev(i: int, etype: str, code: str, **extra: str) -> tuple[str, dict[str, str]]:
+    f = {"type": etype, "code": code * 17, "round": "R1", "venue": "V01", "member": code,
+         "at": str(100 + i), **extra}
+    return f"{i}-0", f
 
-    def tables(led: Ledger) -> tuple[list[tuple], list[tuple]]:
-        return (led.db.execute("SELECT * FROM events ORDER BY event_id").fetchall(),
-                led.db.execute("SELECT * FROM coupons ORDER BY code").fetchall())
 
-    with Ledger(tmp_path / "a.sqlite3") as fast, Ledger(tmp_path / "b.sqlite3") as slow:
-        assert [fast.insert_events("c", b) for b in (first, again, audit)] == [6, 2, 2]
-        assert [slow._insert_one_by_one("c", b) for b in (first, again, audit)] == [6, 2, 2]
-        assert tables(fast) == tables(slow)
-        status = dict(fast.db.execute("SELECT code, status FROM coupons"))
-        assert status == {"A" * 17: "redeemed", "B" * 17: "void", "C" * 17: "issued",
-                          "D" * 17: "issued", "E" * 17: "issued"}
+# A mixed batch, one partly delivered again, and one with an operator's reverse in it.
+_FIRST = [_ev(1, "grant", "A", idem=""), _ev(2, "grant", "B", idem="k"), _ev(3, "redeem", "A"),
+          _ev(4, "void", "B", restocked="1"), _ev(5, "grant", "C", idem=""),
+          _ev(6, "void", "A", restocked="0")]
+_AGAIN = _FIRST[4:] + [_ev(7, "redeem", "C"), _ev(8, "grant", "D", idem="")]
+_AUDIT = [_ev(9, "reverse", "C", actor="op", reason="r"), _ev(10, "grant", "E", idem=""),
+          _ev(11, "redeem", "E"), _ev(12, "pause", "", actor="op", reason="p")]
+
+
+def _reference(batches: list[list[tuple[str, dict[str, str]]]]) -> dict[str, tuple]:
+    """The coupons table the contract's rules give, applying each new event in order."""
+    seen: set[str] = set()
+    out: dict[str, list] = {}
+    for batch in batches:
+        for eid, f in batch:
+            if eid in seen or f["type"] not in ("grant", "redeem", "void", "reverse"):
+                continue
+            seen.add(eid)
+            row = out.setdefault(f["code"], [f["round"], f["venue"], f["member"], None,
+                                             None, None, None, None])
+            at = int(f["at"])
+            if f["type"] == "grant":
+                row[3] = row[3] or "issued"
+                row[4] = at
+            elif f["type"] == "redeem":
+                row[3], row[5] = "redeemed", at
+            elif f["type"] == "void":
+                row[3], row[6] = ("redeemed" if row[3] == "redeemed" else "void"), at
+            else:
+                if row[3] == "redeemed":
+                    row[3], row[5] = "issued", None
+                row[3] = row[3] or "issued"
+                row[7] = at
+    return {code: tuple(r) for code, r in out.items()}
+
+
+def _coupons(led: Ledger) -> dict[str, tuple]:
+    return {r[0]: tuple(r[1:]) for r in led.db.execute(
+        "SELECT code, round_id, venue_id, member_id, status, issued_at_ms, redeemed_at_ms,"
+        " voided_at_ms, reversed_at_ms FROM coupons")}
+
+
+@pytest.mark.parametrize("chunk", [50_000, 2])
+def test_coupons_derived_from_appended_events(tmp_path: Path, monkeypatch, chunk: int) -> None:
+    """The archiver only appends events; coupons is derived from them when read, each
+    event applied once and in order (a derivation in chunks of 2 too), and a batch
+    delivered again changes nothing."""
+    monkeypatch.setattr(ledger_db, "DERIVE_CHUNK", chunk)
+    with Ledger(tmp_path / "a.sqlite3") as led:
+        assert [led.insert_events("c", b) for b in (_FIRST, _AGAIN, _AUDIT)] == [6, 2, 4]
+        assert led.event_count() == 11 and led.audit_count() == 2
+        assert _coupons(led) == {}, "the archiver wrote coupons rows"
+        assert led.coupons_behind() == 11
+        # A reader derives first: coupons_by_code here.
+        got = led.coupons_by_code(["A" * 17, "Z" * 17])
+        assert got["A" * 17].status == "redeemed" and "Z" * 17 not in got
+        assert led.coupons_behind() == 0
+        assert _coupons(led) == _reference([_FIRST, _AGAIN, _AUDIT])
+        assert led.derive_coupons() == 0
+        # Events archived after a derivation are applied next time, the earlier not again.
+        more = [_ev(13, "redeem", "D"), _ev(14, "void", "C", restocked="0"),
+                _ev(15, "reverse", "D", actor="op", reason="r")]
+        assert led.insert_events("c", more + _FIRST) == 3
+        assert led.derive_coupons() == 3
+        assert _coupons(led) == _reference([_FIRST, _AGAIN, _AUDIT, more])
+
+
+def test_a_ledger_from_before_v6_is_not_derived_again(tmp_path: Path) -> None:
+    """A v5 ledger kept coupons in step with its events: opened by this version, its
+    events count as applied (a second application would move e.g. issued_at)."""
+    path = tmp_path / "v5.sqlite3"
+    with Ledger(path) as led:
+        led.insert_events("c", _FIRST)
+        led.derive_coupons()
+        led.db.execute("DELETE FROM meta WHERE key = 'coupons_through'")  # as v5 wrote it
+        led.db.execute("UPDATE coupons SET issued_at_ms = 7")  # marks what v5 derived
+    with Ledger(path) as led:
+        assert led.coupons_behind() == 0
+        led.insert_events("c", [_ev(20, "redeem", "C")])
+        assert led.derive_coupons() == 1
+        rows = _coupons(led)
+        assert {r[4] for r in rows.values()} == {7}
+        assert rows["C" * 17][3] == "redeemed"
+
+
+def test_read_snapshot_derives_what_was_archived_meanwhile(tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """An archiver commits between the derivation and the snapshot's BEGIN: the snapshot
+    is taken again, so coupons and events agree inside it."""
+    path = tmp_path / "l.sqlite3"
+    with Ledger(path) as led, Ledger(path) as archiving:
+        led.insert_events("c", _FIRST)
+        derive = Ledger.derive_coupons
+        extra = iter([[_ev(30, "grant", "F", idem="")], [_ev(31, "redeem", "F")]])
+
+        def derive_then_archive(self: Ledger) -> int:
+            n = derive(self)
+            batch = next(extra, None)
+            if batch is not None:
+                archiving.insert_events("c", batch)  # lands before the BEGIN below
+            return n
+        monkeypatch.setattr(Ledger, "derive_coupons", derive_then_archive)
+        led.read_snapshot()
+        try:
+            assert led.coupons_behind() == 0
+            assert led.coupons_by_code(["F" * 17])["F" * 17].status == "redeemed"
+        finally:
+            led.rollback()
+
+
+def test_coupons_read_in_a_stale_transaction_is_refused(tmp_path: Path) -> None:
+    """A reader inside a transaction that did not derive gets an error, not stale rows."""
+    with Ledger(tmp_path / "l.sqlite3") as led:
+        led.insert_events("c", _FIRST)
+        led.db.execute("BEGIN")
+        try:
+            with pytest.raises(LedgerError, match="did not derive"):
+                led.venue_redemptions("c", "V01")
+        finally:
+            led.rollback()
 
 
 def test_events_code_index_is_dropped_on_open(tmp_path: Path) -> None:
@@ -168,6 +271,7 @@ def test_redelivery_is_harmless(tmp_path: Path) -> None:
         assert led.insert_events("c", entries) == 2
         assert led.insert_events("c", entries) == 0
         assert led.insert_events("c", entries[:1]) == 0
+        led.derive_coupons()
         row = led.db.execute("SELECT status, issued_at_ms, redeemed_at_ms FROM coupons").fetchall()
         assert row == [("redeemed", 5, 9)]
         assert led.event_count() == 2
@@ -216,6 +320,7 @@ async def test_sigkill_mid_archive_loses_and_duplicates_nothing(
         got = led.event_ids()
         assert len(got) == len(set(got)) == len(ids)
         assert set(got) == set(ids)
+        led.derive_coupons()
         grants = led.db.execute("SELECT count(*) FROM coupons").fetchone()[0]
         assert grants == n_coupons + 10
         assert led.cursor(world.c.id, 0) == ids[-1]

@@ -4,9 +4,13 @@ Redis is the live truth for grabs and redemptions; the ledger is the record
 money is paid from. Every stream entry becomes exactly one ``events`` row
 (primary key = the entry's id, qualified by its stock shard when that is not
 shard 0: see ``ledger_event_id``), so delivering an entry twice is harmless.
-``coupons`` is kept in the same transaction as the events that change it, so
-it can never disagree with ``events``. The schema uses only portable types
-(TEXT, INTEGER) so a PostgreSQL backend can mirror it table for table.
+The archiver only appends to ``events``; ``coupons`` is derived from them, in
+events' order, by whoever reads it (``derive_coupons``, schema v6): the meta key
+``coupons_through`` is the last events rowid applied, so every event is applied
+once, and every reader of ``coupons`` derives it first, or reads inside a
+snapshot that did (``read_snapshot``), so it never disagrees with ``events``.
+The schema uses only portable types (TEXT, INTEGER) so a PostgreSQL backend can
+mirror it table for table.
 """
 
 from __future__ import annotations
@@ -99,6 +103,11 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+
+-- Schema v6: the last events rowid whose effect is in coupons. A ledger from before v6
+-- kept coupons in step with every event it archived, so it starts at the last event.
+INSERT OR IGNORE INTO meta (key, value)
+    SELECT 'coupons_through', coalesce(max(rowid), 0) FROM events;
 """
 
 # Later events never move a coupon back to 'issued'; a grant seen after its
@@ -148,13 +157,19 @@ _ADVANCE_CURSOR = (
 _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (event_id, campaign_id, type, code, round_id,"
     " venue_id, member_id, at_ms, restocked, idem_key) VALUES (?,?,?,?,?,?,?,?,?,?)")
-# Types a batch may hold to take insert_events' batched path (no audit row to write).
-_BATCHED = frozenset(("grant", "redeem", "void"))
-# The page cache of a connection that writes events, in KiB: the coupons' code index
-# takes a random page per new coupon, and SQLite's default (2 MiB) made the archiver
-# read pages back from the OS on every batch once a campaign held some 100,000 coupons.
-# Set on the first insert_events only, so the readers (reconcile, report) keep theirs.
-WRITER_CACHE_KIB = 65536
+_INSERT_AUDIT = (
+    "INSERT OR IGNORE INTO audit (event_id, campaign_id, action, round_id, venue_id,"
+    " code, units, actor, at_ms, reason, before, after) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+_THROUGH = "coupons_through"
+# The page cache while deriving coupons, in KiB: the coupons' code index takes a random
+# page per new coupon, and SQLite's default (2 MiB) read pages back from the OS on
+# every few hundred once a campaign held some 100,000 coupons. Set for the derivation
+# only, so the readers (reconcile, report) keep their memory bounds.
+DERIVE_CACHE_KIB = 65536
+# Events applied to coupons per statement batch: bounds the rows held in memory.
+DERIVE_CHUNK = 50_000
+# A read snapshot retried when the archiver committed between the derivation and it.
+SNAPSHOT_TRIES = 20
 
 # SQLite allows 999 bound parameters in old builds; stay under it.
 CHUNK = 900
@@ -284,7 +299,6 @@ class Ledger:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
         self._migrate()
-        self._writer_cache = False
 
     def _migrate(self) -> None:
         """Bring a ledger file written by an older version up to this schema.
@@ -295,7 +309,9 @@ class Ledger:
         index ``events_code`` (unused, and the archiver's dearest write); an older
         version opening the file creates it again, which is harmless. v5 added the
         ``cursors`` table (created by SCHEMA); a ledger without a row for a shard is
-        archived from the start of what its stream holds (archiver.py).
+        archived from the start of what its stream holds (archiver.py). v6 derives
+        ``coupons`` from ``events`` when read (meta ``coupons_through``, set by SCHEMA to
+        the last event of an older file, whose coupons were kept in step).
         """
         self.db.execute("DROP INDEX IF EXISTS events_code")
         for table, column in (("events", "idem_key TEXT"),
@@ -337,23 +353,45 @@ class Ledger:
     def insert_events(self, campaign_id: str,
                       entries: Sequence[tuple[str, Mapping[str, str]]],
                       cursor: tuple[int, str] | None = None) -> int:
-        """Write stream entries in one transaction; returns how many were new.
+        """Append stream entries in one transaction; returns how many were new.
 
-        An entry already present (same stream id) is skipped, and so is its
-        effect on ``coupons``: re-delivery after a crash changes nothing.
+        An entry already present (same stream id) is skipped: re-delivery after a crash
+        changes nothing. Nothing else is written per event: ``coupons`` is derived from
+        ``events`` when read (``derive_coupons``), so the archiver's cost is the append.
         ``cursor`` (shard, stream id): also move that shard's cursor to the id, in the
         same transaction, so the events and the position they end at commit together.
         """
         if not entries and cursor is None:
             return 0
-        if not self._writer_cache:
-            self.db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
-            self._writer_cache = True
-        if all(f.get("type") in _BATCHED for _, f in entries):
-            new = self._insert_batched(campaign_id, entries, cursor)
-            if new is not None:
-                return new
-        return self._insert_one_by_one(campaign_id, entries, cursor)
+        rows: list[tuple[object, ...]] = []
+        audits: list[tuple[str, str, Mapping[str, str]]] = []
+        for event_id, f in entries:
+            etype = f.get("type", "")
+            if etype in AUDIT_ACTIONS:
+                audits.append((event_id, etype, f))
+            elif etype not in _UPSERT:
+                raise LedgerError(f"stream entry {event_id} has unknown type {etype!r}")
+            if etype in _UPSERT:
+                # Grants carry 'idem' ('' = no key); an event from before that has none.
+                rows.append((event_id, campaign_id, etype, f["code"], f["round"],
+                             f["venue"], f["member"], int(f["at"]),
+                             int(f["restocked"]) if "restocked" in f else None,
+                             f.get("idem") if etype == "grant" else None))
+        self.begin()
+        try:
+            before = self.db.total_changes
+            self.db.executemany(_INSERT_EVENT, rows)
+            new = self.db.total_changes - before
+            for event_id, etype, f in audits:
+                added = self._insert_audit(campaign_id, event_id, etype, f, int(f["at"]))
+                if etype not in _UPSERT:  # a reverse is counted by its events row
+                    new += added
+            self._advance(campaign_id, cursor)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        return new
 
     def _advance(self, campaign_id: str, cursor: tuple[int, str] | None) -> None:
         if cursor is not None:
@@ -367,77 +405,82 @@ class Ledger:
                               " AND shard = ?", (campaign_id, shard)).fetchone()
         return None if row is None else f"{row[0]}-{row[1]}"
 
-    def _insert_batched(self, campaign_id: str,
-                        entries: Sequence[tuple[str, Mapping[str, str]]],
-                        cursor: tuple[int, str] | None) -> int | None:
-        """insert_events for a batch of grants, redemptions and voids with one prepared
-        statement per run of one type (executemany), in stream order. Returns None, with
-        nothing written, when some entry was already in the ledger (a batch delivered
-        again after a crash): the caller then takes the exact path, row by row."""
-        rows = [(event_id, campaign_id, f["type"], f["code"], f["round"], f["venue"],
-                 f["member"], int(f["at"]),
-                 int(f["restocked"]) if "restocked" in f else None,
-                 f.get("idem") if f["type"] == "grant" else None)
-                for event_id, f in entries]
-        self.begin()
-        try:
-            before = self.db.total_changes
-            self.db.executemany(_INSERT_EVENT, rows)
-            if self.db.total_changes - before != len(rows):
-                self.rollback()
-                return None
-            # Consecutive entries of one type, in order: a coupon's events are applied
-            # in stream order, as one by one.
-            for etype, run in itertools.groupby(rows, key=lambda r: r[2]):
-                self.db.executemany(_UPSERT[etype],
-                                    [(r[3], campaign_id, r[4], r[5], r[6], r[7]) for r in run])
-            self._advance(campaign_id, cursor)
-            self.commit()
-        except BaseException:
-            self.rollback()
-            raise
-        return len(rows)
+    # -- coupons, derived from events -------------------------------------------
 
-    def _insert_one_by_one(self, campaign_id: str,
-                           entries: Sequence[tuple[str, Mapping[str, str]]],
-                           cursor: tuple[int, str] | None = None) -> int:
-        new = 0
-        self.begin()
+    def _through(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (_THROUGH,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _last_event(self) -> int:
+        return self.db.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()[0]
+
+    def coupons_behind(self) -> int:
+        """Events not yet applied to ``coupons`` (0: it agrees with ``events``)."""
+        return self._last_event() - self._through()
+
+    def derive_coupons(self) -> int:
+        """Apply the events after ``coupons_through`` to ``coupons``, in events' order;
+        returns how many. Outside a transaction it takes the write lock for itself;
+        inside one, the caller's must be a write transaction (``begin``)."""
+        own = not self.db.in_transaction
+        if own:
+            if self.coupons_behind() == 0:
+                return 0  # a cheap read, without the write lock
+            self.begin()
+        (cache,) = self.db.execute("PRAGMA cache_size").fetchone()
         try:
-            for event_id, f in entries:
-                etype = f.get("type", "")
-                if etype not in _UPSERT and etype not in AUDIT_ACTIONS:
-                    raise LedgerError(f"stream entry {event_id} has unknown type {etype!r}")
-                at = int(f["at"])
-                if etype in AUDIT_ACTIONS:
-                    added = self._insert_audit(campaign_id, event_id, etype, f, at)
-                    if etype not in _UPSERT:
-                        new += added
-                        continue
-                restocked = int(f["restocked"]) if "restocked" in f else None
-                # Grants carry 'idem' ('' = no key); an event from before that has none.
-                idem = f.get("idem") if etype == "grant" else None
-                cur = self.db.execute(
-                    _INSERT_EVENT, (event_id, campaign_id, etype, f["code"], f["round"],
-                                    f["venue"], f["member"], at, restocked, idem))
-                if cur.rowcount != 1:
-                    continue
-                new += 1
-                self.db.execute(_UPSERT[etype], (f["code"], campaign_id, f["round"],
-                                                 f["venue"], f["member"], at))
-            self._advance(campaign_id, cursor)
-            self.commit()
+            self.db.execute(f"PRAGMA cache_size=-{DERIVE_CACHE_KIB}")
+            through, applied = self._through(), 0
+            while True:
+                rows = self.db.execute(
+                    "SELECT rowid, type, code, campaign_id, round_id, venue_id, member_id,"
+                    " at_ms FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    (through, DERIVE_CHUNK)).fetchall()
+                if not rows:
+                    break
+                # Runs of one type, in order: a coupon's events apply in stream order.
+                for etype, run in itertools.groupby(rows, key=lambda r: r[1]):
+                    self.db.executemany(_UPSERT[etype], [r[2:] for r in run])
+                through = rows[-1][0]
+                applied += len(rows)
+            self.set_meta(_THROUGH, str(through))
+            if own:
+                self.commit()
         except BaseException:
-            self.rollback()
+            if own:
+                self.rollback()
             raise
-        return new
+        finally:
+            self.db.execute(f"PRAGMA cache_size={cache}")
+        return applied
+
+    def read_snapshot(self) -> None:
+        """BEGIN a read transaction in which ``coupons`` agrees with ``events``: derive,
+        then begin, and again if the archiver committed events in between (the end
+        with ``rollback``). Readers (reconcile, statement) never hold the write lock."""
+        for _ in range(SNAPSHOT_TRIES):
+            self.derive_coupons()
+            self.db.execute("BEGIN")
+            if self.coupons_behind() == 0:
+                return
+            self.rollback()
+        raise LedgerError(f"the ledger's coupons fell behind its events {SNAPSHOT_TRIES}"
+                          " times in a row; is an archiver committing without pause?")
+
+    def _fresh(self) -> None:
+        """Before a read of ``coupons``: derive it, or, inside a transaction, check that
+        the transaction's start did (settle's ``begin`` + ``derive_coupons``,
+        ``read_snapshot``): a stale read there would be a bug, not a race."""
+        if not self.db.in_transaction:
+            self.derive_coupons()
+        elif self.coupons_behind():
+            raise LedgerError("coupons read inside a transaction that did not derive them")
 
     def _insert_audit(self, campaign_id: str, event_id: str, action: str,
                       f: Mapping[str, str], at: int) -> int:
         units = f.get("units")
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO audit (event_id, campaign_id, action, round_id, venue_id,"
-            " code, units, actor, at_ms, reason, before, after) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            _INSERT_AUDIT,
             (event_id, campaign_id, action, f["round"], f.get("venue"), f.get("code"),
              int(units) if units is not None else None, f["actor"], at, f["reason"],
              f.get("before", "{}"), f.get("after", "{}")))
@@ -576,6 +619,7 @@ class Ledger:
                 f"{select} WHERE code IN ({','.join('?' * len(chunk))})", chunk)
 
     def coupons_by_code(self, codes: Iterable[str]) -> dict[str, CouponRow]:
+        self._fresh()
         select = ("SELECT code, round_id, venue_id, member_id, status, issued_at_ms,"
                   " redeemed_at_ms, voided_at_ms, reversed_at_ms FROM coupons")
         return {r[0]: CouponRow(*r) for r in self._rows_by_code(select, codes)}
@@ -588,6 +632,7 @@ class Ledger:
 
     def venue_redemptions(self, campaign_id: str, venue_id: str) -> dict[str, int]:
         """code -> redeemed_at_ms for every coupon redeemed at the venue."""
+        self._fresh()
         rows = self.db.execute(
             "SELECT code, redeemed_at_ms FROM coupons WHERE venue_id = ? AND status ="
             " 'redeemed' AND campaign_id = ?", (venue_id, campaign_id))
@@ -636,6 +681,7 @@ class Ledger:
         """(code, venue, status) of codes paid to their venue whose redemption an operator
         reversed since and that are not redeemed again: money paid without a redemption,
         for the operator to resolve (a reverse that came in while settle ran without Redis)."""
+        self._fresh()
         sql = ("SELECT s.code, s.venue_id, c.status FROM settlements s JOIN coupons c ON"
                " c.code = s.code WHERE s.campaign_id = ? AND c.status != 'redeemed'")
         args: tuple[str, ...] = (campaign_id,)

@@ -686,10 +686,8 @@ def reconcile(ledger: Ledger, venue_id: str, claims_path: Path, out_dir: Path,
     """Classify and write the reports; the ledger is not changed. ``warn`` gets the
     warning about unreadable rows, if any, and ``progress`` the bytes read (the CLI
     prints both on stderr)."""
-    def begin() -> None:
-        ledger.db.execute("BEGIN")  # a read snapshot, rolled back: nothing is recorded
-
-    return _run(ledger, venue_id, Path(claims_path), out_dir, begin,
+    # A read snapshot (coupons derived first), rolled back: nothing is recorded.
+    return _run(ledger, venue_id, Path(claims_path), out_dir, ledger.read_snapshot,
                 lambda tally, summary: None, ledger.rollback, warn, progress, False)
 
 
@@ -726,7 +724,11 @@ def settle(ledger: Ledger, venue_id: str, claims_path: Path, out_dir: Path,
         summary["settled_fen"] = cur.rowcount * pay
         summary["claims_sha256"] = tally.claims_sha
 
-    return _run(ledger, venue_id, Path(claims_path), out_dir, ledger.begin, record,
+    def begin() -> None:
+        ledger.begin()
+        ledger.derive_coupons()  # under the write lock: no event can slip in before
+
+    return _run(ledger, venue_id, Path(claims_path), out_dir, begin, record,
                 ledger.commit, warn, progress, True, batch_mark)
 
 
@@ -746,9 +748,10 @@ def statement(ledger: Ledger, out_dir: Path) -> dict[str, Any]:
     if c is None:
         raise BadInput("the ledger holds no campaign yet; load one and run archive")
     _prepare_out(out_dir)
-    ledger.db.execute("BEGIN")
+    ledger.read_snapshot()
     try:
         totals = ledger.venue_totals(c.id)
+        settled_not_redeemed = ledger.settled_not_redeemed(c.id)
     finally:
         ledger.rollback()
     pay = c.settlement_fen
@@ -774,7 +777,7 @@ def statement(ledger: Ledger, out_dir: Path) -> dict[str, Any]:
             ("issued", "void", "redeemed", "settled", "unclaimed", "payable_fen",
              "settled_fen", "outstanding_fen", "reversed", "settled_not_redeemed")}
     flagged = [{"code": codes.display(code), "venue_id": venue, "status": status}
-               for code, venue, status in ledger.settled_not_redeemed(c.id)]
+               for code, venue, status in settled_not_redeemed]
     # Every issued coupon that is not void may still be redeemed and paid.
     exposure = (sums["issued"] - sums["void"]) * pay
     doc = {
