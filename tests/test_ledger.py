@@ -195,6 +195,31 @@ def test_coupons_derived_from_appended_events(tmp_path: Path, monkeypatch, chunk
         assert _coupons(led) == _reference([_FIRST, _AGAIN, _AUDIT, more])
 
 
+def test_derivation_lets_an_archiver_commit_between_its_chunks(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Outside a transaction each chunk commits on its own: an archiver that cannot wait
+    for the lock (busy timeout 0) still commits between chunks, and what it archived
+    meanwhile is derived before the derivation returns."""
+    monkeypatch.setattr(ledger_db, "DERIVE_CHUNK", 2)
+    path = tmp_path / "l.sqlite3"
+    with Ledger(path) as led, Ledger(path) as archiving:
+        archiving.db.execute("PRAGMA busy_timeout=0")
+        led.insert_events("c", _FIRST)
+        late = iter([[_ev(40 + i, "grant", f"{chr(71 + i)}", idem="")] for i in range(3)])
+        commit, landed = led.commit, []
+
+        def commit_then_archive() -> None:
+            commit()
+            batch = next(late, None)
+            if batch is not None:
+                landed.append(archiving.insert_events("c", batch))
+        monkeypatch.setattr(led, "commit", commit_then_archive)
+        assert led.derive_coupons() == 6 + 3
+        assert landed == [1, 1, 1]
+        assert led.coupons_behind() == 0
+        assert {"G" * 17, "H" * 17, "I" * 17} <= set(_coupons(led))
+
+
 def test_a_ledger_from_before_v6_is_not_derived_again(tmp_path: Path) -> None:
     """A v5 ledger kept coupons in step with its events: opened by this version, its
     events count as applied (a second application would move e.g. issued_at)."""

@@ -415,53 +415,62 @@ class Ledger:
         return self.db.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()[0]
 
     def coupons_behind(self) -> int:
-        """Events not yet applied to ``coupons`` (0: it agrees with ``events``)."""
+        """How far ``coupons`` is behind ``events``, in events rowids (0: it agrees)."""
         return self._last_event() - self._through()
 
     def derive_coupons(self) -> int:
         """Apply the events after ``coupons_through`` to ``coupons``, in events' order;
-        returns how many. Outside a transaction it takes the write lock for itself;
-        inside one, the caller's must be a write transaction (``begin``)."""
-        own = not self.db.in_transaction
-        if own:
-            if self.coupons_behind() == 0:
-                return 0  # a cheap read, without the write lock
-            self.begin()
+        returns how many. Outside a transaction it takes the write lock for one chunk of
+        ``DERIVE_CHUNK`` events at a time (an archiver waits at most that long); inside
+        one, the caller's must be a write transaction (``begin``) and holds them all."""
         (cache,) = self.db.execute("PRAGMA cache_size").fetchone()
+        self.db.execute(f"PRAGMA cache_size=-{DERIVE_CACHE_KIB}")
         try:
-            self.db.execute(f"PRAGMA cache_size=-{DERIVE_CACHE_KIB}")
-            through, applied = self._through(), 0
-            while True:
-                rows = self.db.execute(
-                    "SELECT rowid, type, code, campaign_id, round_id, venue_id, member_id,"
-                    " at_ms FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                    (through, DERIVE_CHUNK)).fetchall()
-                if not rows:
+            if self.db.in_transaction:
+                applied = 0
+                while n := self._derive_chunk():
+                    applied += n
+                return applied
+            applied = 0
+            while self.coupons_behind() > 0:  # a cheap read, without the write lock
+                self.begin()
+                try:
+                    n = self._derive_chunk()
+                    self.commit()
+                except BaseException:
+                    self.rollback()
+                    raise
+                if n == 0:
                     break
-                # Runs of one type, in order: a coupon's events apply in stream order.
-                for etype, run in itertools.groupby(rows, key=lambda r: r[1]):
-                    self.db.executemany(_UPSERT[etype], [r[2:] for r in run])
-                through = rows[-1][0]
-                applied += len(rows)
-            self.set_meta(_THROUGH, str(through))
-            if own:
-                self.commit()
-        except BaseException:
-            if own:
-                self.rollback()
-            raise
+                applied += n
+            return applied
         finally:
             self.db.execute(f"PRAGMA cache_size={cache}")
-        return applied
+
+    def _derive_chunk(self) -> int:
+        """One chunk of derive_coupons, inside the caller's transaction: the coupons and
+        ``coupons_through`` move together."""
+        rows = self.db.execute(
+            "SELECT rowid, type, code, campaign_id, round_id, venue_id, member_id, at_ms"
+            " FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (self._through(), DERIVE_CHUNK)).fetchall()
+        if not rows:
+            return 0
+        # Runs of one type, in order: a coupon's events apply in stream order.
+        for etype, run in itertools.groupby(rows, key=lambda r: r[1]):
+            self.db.executemany(_UPSERT[etype], [r[2:] for r in run])
+        self.set_meta(_THROUGH, str(rows[-1][0]))
+        return len(rows)
 
     def read_snapshot(self) -> None:
         """BEGIN a read transaction in which ``coupons`` agrees with ``events``: derive,
         then begin, and again if the archiver committed events in between (the end
-        with ``rollback``). Readers (reconcile, statement) never hold the write lock."""
+        with ``rollback``). Readers (reconcile, statement) hold the write lock only
+        while deriving, one chunk at a time."""
         for _ in range(SNAPSHOT_TRIES):
             self.derive_coupons()
             self.db.execute("BEGIN")
-            if self.coupons_behind() == 0:
+            if self.coupons_behind() <= 0:
                 return
             self.rollback()
         raise LedgerError(f"the ledger's coupons fell behind its events {SNAPSHOT_TRIES}"
@@ -473,7 +482,7 @@ class Ledger:
         ``read_snapshot``): a stale read there would be a bug, not a race."""
         if not self.db.in_transaction:
             self.derive_coupons()
-        elif self.coupons_behind():
+        elif self.coupons_behind() > 0:
             raise LedgerError("coupons read inside a transaction that did not derive them")
 
     def _insert_audit(self, campaign_id: str, event_id: str, action: str,
