@@ -166,7 +166,8 @@ _THROUGH = "coupons_through"
 # every few hundred once a campaign held some 100,000 coupons. Set for the derivation
 # only, so the readers (reconcile, report) keep their memory bounds.
 DERIVE_CACHE_KIB = 65536
-# Events applied to coupons per statement batch: bounds the rows held in memory.
+# Events applied to coupons per chunk: bounds the rows held in memory and, outside a
+# caller's transaction, how long a derivation holds the write lock at a time.
 DERIVE_CHUNK = 50_000
 # A read snapshot retried when the archiver committed between the derivation and it.
 SNAPSHOT_TRIES = 20
@@ -423,15 +424,17 @@ class Ledger:
         returns how many. Outside a transaction it takes the write lock for one chunk of
         ``DERIVE_CHUNK`` events at a time (an archiver waits at most that long); inside
         one, the caller's must be a write transaction (``begin``) and holds them all."""
+        own = not self.db.in_transaction
+        if self.coupons_behind() <= 0:
+            return 0  # up to date (the usual case for a lookup): no pragma, no lock
         (cache,) = self.db.execute("PRAGMA cache_size").fetchone()
         self.db.execute(f"PRAGMA cache_size=-{DERIVE_CACHE_KIB}")
         try:
-            if self.db.in_transaction:
-                applied = 0
+            applied = 0
+            if not own:
                 while n := self._derive_chunk():
                     applied += n
                 return applied
-            applied = 0
             while self.coupons_behind() > 0:  # a cheap read, without the write lock
                 self.begin()
                 try:
