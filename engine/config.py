@@ -89,6 +89,10 @@ class Settings:
     # uvloop answers more per second; asyncio's own loop serves a crowd of connections
     # fairly where uvloop leaves some waiting for seconds (docs/decisions.md).
     event_loop: str = "uvloop"
+    # The workers' gc.set_threshold (docs/benchmarks.md, issue 19 fourth pass): with
+    # thousands of connections a request lives for hundreds of milliseconds, and at
+    # CPython's (700, 10, 10) nearly everything it allocates is promoted and walked again.
+    gc_thresholds: tuple[int, int, int] = (50_000, 20, 10)
     # Seconds a long command (reconcile, settle, archive, restore) runs before it shows
     # its progress on stderr, when stderr is a terminal.
     progress_after_s: float = 1.0
@@ -206,6 +210,18 @@ def _log_level(text: str) -> str:
     return v
 
 
+def _gc_thresholds(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(_INT_RE.fullmatch(x.strip()) for x in parts):
+        raise ValueError("must be three integers a,b,c (as gc.set_threshold takes)")
+    a, b, c = (int(x) for x in parts)
+    # 0 would switch the collector off, and the cycles asyncio and aiohttp leave
+    # (exceptions with their frames) would never be freed.
+    if not (100 <= a <= 10_000_000 and 1 <= b <= 1000 and 1 <= c <= 1000):
+        raise ValueError("must be 100..10000000, 1..1000, 1..1000")
+    return a, b, c
+
+
 def _event_loop(text: str) -> str:
     v = text.strip().lower()
     if v not in EVENT_LOOPS:
@@ -281,6 +297,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("COUPON_ARCHIVER", "archiver", _bool),
     Option("COUPON_LOG_LEVEL", "log_level", _log_level),
     Option("COUPON_EVENT_LOOP", "event_loop", _event_loop),
+    Option("COUPON_GC_THRESHOLDS", "gc_thresholds", _gc_thresholds),
     Option("COUPON_PROGRESS_AFTER", "progress_after_s", _float, _not_negative),
 )
 

@@ -11,6 +11,11 @@ Phases, all with the same wrk connections and server worker count:
                 JWT each, a JSON body, built per request by the same wrk script); ratios
                 ("vs 1b") are taken against this one, since the load generator's own cost
                 per request is then the same on both sides of the ratio
+                (the very token file of phases 2-3b: wrk holding 600,000 tokens instead of
+                20,000 costs it half as much CPU again per request, and the cores it
+                shares with the server pay for the cache misses too)
+  1c ceiling    1b with a file of 20,000 tokens, as 1b was before issue 19's fourth pass
+                (shown for comparison with the earlier passes' ratios)
   2 grab        POST grab with stock available, a different member JWT per request
   2b grab       the same at --latency-connections (256) connections, for the p99 target
   3 sold_out    POST grab on a sold-out stock line; not_open: a round that opens tomorrow
@@ -173,6 +178,9 @@ class Result:
     # CPU microseconds per answer by role (wrk, server, archiver, redis) and the
     # machine's busy cores during the run: see "CPU budget" in docs/benchmarks.md.
     cpu: dict[str, float] = field(default_factory=dict)
+    # Paired phases (issue 19's): each run's server CPU per answer and rate over those of
+    # a 1b run just before it, medians over the runs ("x 1b paired").
+    paired: dict[str, float] = field(default_factory=dict)
 
 
 # --- phase 1: the ceiling app ------------------------------------------------------------
@@ -225,6 +233,13 @@ def start_ceiling(port: int, workers: int,
 
 
 # --- processes and HTTP ------------------------------------------------------------------
+
+def stop_ceiling(procs: list[mp.process.BaseProcess]) -> None:
+    for p in procs:
+        if p.pid is not None and p.exitcode is None:
+            os.kill(p.pid, signal.SIGTERM)
+        p.join(10)
+
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
@@ -299,7 +314,7 @@ class Engine:
 
     def __init__(self, tmp: Path, workers: int, campaign: str | None = None,
                  env: dict[str, str] | None = None, external: Any = None,
-                 cid: str = CID, shards: int = 1) -> None:
+                 cid: str = CID, shards: int = 1, member_secret: str | None = None) -> None:
         self.tmp = tmp
         self.cid = cid
         self.shards = shards
@@ -307,7 +322,7 @@ class Engine:
         self.external = external
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.member_secret = secrets.token_urlsafe(32)
+        self.member_secret = member_secret or secrets.token_urlsafe(32)
         self.admin = "adm_" + secrets.token_urlsafe(24)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
         self.env.update(COUPON_DATA_DIR=str(tmp / "var"),
@@ -689,20 +704,36 @@ def run(args: argparse.Namespace) -> int:
         wrk_scripts[name] = tmp / f"{name}.lua"
         wrk_scripts[name].write_text(text)
 
+    def measured(name: str, url: str, script: str, wrk_args: list[str], conns: int,
+                 pids: list[int]) -> Result:
+        cpu0, wrk0, (busy0, all0) = role_cpu(pids), children_cpu(), machine_jiffies()
+        res = run_wrk(name, url, wrk_scripts[script], wrk_args, conns, threads, d)
+        cpu1, wrk1, (busy1, all1) = role_cpu(pids), children_cpu(), machine_jiffies()
+        n = res.requests
+        if n:
+            cpu = {"wrk": (wrk1 - wrk0) / n * 1e6,
+                   **{k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1}}
+            cpu["busy_cores"] = (busy1 - busy0) / max(all1 - all0, 1) * (os.cpu_count() or 1)
+            res.cpu = cpu
+        return res
+
     def phase(name: str, url: str, script: str, wrk_args: list[str],
-              conns: int | None = None) -> Result:
+              conns: int | None = None, paired: bool = False) -> Result:
         runs: list[Result] = []
+        ratios: list[tuple[float, float]] = []
         for _ in range(reps):
+            if paired and pair_with is not None:
+                # The machine's speed drifts over minutes: a 1b run just before each run
+                # of the phase puts both under the same noise.
+                base = measured("1b paired", pair_with, "grab", pair_args, c,
+                                [p.pid for p in ceiling if p.pid is not None])
             pids = [engine.proc.pid] if engine is not None else [p.pid for p in ceiling]
-            cpu0, wrk0, (busy0, all0) = role_cpu(pids), children_cpu(), machine_jiffies()
-            runs.append(run_wrk(name, url, wrk_scripts[script], wrk_args, conns or c, threads, d))
-            cpu1, wrk1, (busy1, all1) = role_cpu(pids), children_cpu(), machine_jiffies()
+            runs.append(measured(name, url, script, wrk_args, conns or c,
+                                 [p for p in pids if p is not None]))
             n = runs[-1].requests
-            if n:
-                cpu = {"wrk": (wrk1 - wrk0) / n * 1e6,
-                       **{k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1}}
-                cpu["busy_cores"] = (busy1 - busy0) / max(all1 - all0, 1) * (os.cpu_count() or 1)
-                runs[-1].cpu = cpu
+            if paired and pair_with is not None and n and base.requests:
+                ratios.append((runs[-1].cpu["server"] / base.cpu["server"],
+                               runs[-1].rps / base.rps))
             if engine is not None and n:
                 # The engine's own CPU (workers + archiver) per answer, for docs/capacity.md.
                 us = runs[-1].cpu["server"] + runs[-1].cpu["archiver"]
@@ -715,6 +746,9 @@ def run(args: argparse.Namespace) -> int:
         res = median_result(runs)
         res.note = runs[len(runs) // 2].note
         res.cpu = runs[len(runs) // 2].cpu
+        if ratios:
+            res.paired = {"server": statistics.median(r[0] for r in ratios),
+                          "rate": statistics.median(r[1] for r in ratios)}
         print(f"  {name}: {res.rps:,.0f} req/s p50 {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms "
               f"statuses {res.statuses} errors {res.errors}", flush=True)
         results.append(res)
@@ -723,6 +757,9 @@ def run(args: argparse.Namespace) -> int:
     engine: Engine | None = None
     external: Any = None
     ceiling: list[mp.process.BaseProcess] = []
+    # The ceiling app stays up (idle) beside the engine for the paired 1b runs.
+    pair_with: str | None = None
+    pair_args: list[str] = []
     try:
         print(f"bench: {c} connections, {w} server workers, {threads} wrk threads, {d} s "
               f"per phase, x{reps}" + (", Redis Cluster" if args.redis_cluster else "")
@@ -738,20 +775,32 @@ def run(args: argparse.Namespace) -> int:
             external = EmbeddedRedis(tmp / "redis-tcp", port=free_port())
             external.start()
             print(f"  external redis-server on {external.url}", flush=True)
+        # The engine's member tokens, minted first: 1b sends the very requests of phase 2.
+        member_secret = secrets.token_urlsafe(32)
+        tokens = tmp / "tokens.txt"
+        t0 = time.monotonic()
+        write_tokens(tokens, member_secret, args.tokens)
+        print(f"  minted {args.tokens} member tokens in {time.monotonic() - t0:.1f} s",
+              flush=True)
         port = free_port()
         ceiling = start_ceiling(port, w)
         try:
             phase("1a ceiling, static GET", f"http://127.0.0.1:{port}/", "plain", [])
+            phase("1b ceiling, grab requests", f"http://127.0.0.1:{port}/v1/rounds/R1/grab",
+                  "grab", [str(tokens), str(threads), "/v1/rounds/R1/grab",
+                           ",".join(BIG_VENUES), "0"])
             ceiling_tokens = tmp / "ceiling-tokens.txt"
             write_tokens(ceiling_tokens, "ceiling-secret-0123456789abcdef0123", 20_000)
-            phase("1b ceiling, grab requests", f"http://127.0.0.1:{port}/v1/rounds/R1/grab",
+            phase("1c ceiling, 20,000 tokens", f"http://127.0.0.1:{port}/v1/rounds/R1/grab",
                   "grab", [str(ceiling_tokens), str(threads), "/v1/rounds/R1/grab",
                            ",".join(BIG_VENUES), "0"])
         finally:
-            for p in ceiling:
-                if p.pid is not None:
-                    os.kill(p.pid, signal.SIGTERM)
-                p.join(10)
+            if args.no_pairs:
+                stop_ceiling(ceiling)
+        if not args.no_pairs:
+            pair_with = f"http://127.0.0.1:{port}/v1/rounds/R1/grab"
+            pair_args = [str(tokens), str(threads), "/v1/rounds/R1/grab",
+                         ",".join(BIG_VENUES), "0"]
 
         cid = args.campaign_id or CID
         if args.redis_cluster and args.campaign_id is None:
@@ -760,17 +809,14 @@ def run(args: argparse.Namespace) -> int:
             owners = [external.owner_of(Keys(cid, s).campaign).port
                       for s in range(args.stock_shards)]
             print(f"  campaign {cid!r}: stock shard -> primary port {owners}", flush=True)
-        engine = Engine(tmp, w, external=external, cid=cid, shards=args.stock_shards)
-        tokens = tmp / "tokens.txt"
-        t0 = time.monotonic()
-        write_tokens(tokens, engine.member_secret, args.tokens)
-        print(f"  minted {args.tokens} member tokens in {time.monotonic() - t0:.1f} s",
-              flush=True)
+        engine = Engine(tmp, w, external=external, cid=cid, shards=args.stock_shards,
+                        member_secret=member_secret)
         grab_url = f"{engine.base}/v1/rounds/R1/grab"
 
         before = engine.issued()
         g = phase("2 grab (stock left)", grab_url, "grab",
-                  [str(tokens), str(threads), "/v1/rounds/R1/grab", ",".join(BIG_VENUES), "0"])
+                  [str(tokens), str(threads), "/v1/rounds/R1/grab", ",".join(BIG_VENUES), "0"],
+                  paired=True)
         issued = engine.issued() - before
         granted = g.statuses.get("201", 0)
         g.note = f"issued {issued}, 201s {granted}; {g.note}"
@@ -803,14 +849,15 @@ def run(args: argparse.Namespace) -> int:
         # holds no coupon of the round yet.
         used = str(g.next_index)
         s = phase("3a sold out", grab_url, "grab",
-                  [str(tokens), str(threads), "/v1/rounds/R1/grab", SOLD_OUT_VENUE, used])
+                  [str(tokens), str(threads), "/v1/rounds/R1/grab", SOLD_OUT_VENUE, used],
+                  paired=True)
         if engine.issued() != before or s.statuses.get("201"):
             problems.append("sold-out phase issued coupons")
         # The same crowd, each request with an Idempotency-Key: the worker still knows the
         # line is sold out, but first asks Redis whether the key was granted (a replay).
         s2 = phase("3a2 sold out, keyed", grab_url, "grab",
                    [str(tokens), str(threads), "/v1/rounds/R1/grab", SOLD_OUT_VENUE,
-                    str(s.next_index), "idem"])
+                    str(s.next_index), "idem"], paired=True)
         if engine.issued() != before or s2.statuses.get("201"):
             problems.append("keyed sold-out phase issued coupons")
         # Members who got their round's one coupon in phase 2 keep tapping (a few
@@ -823,14 +870,14 @@ def run(args: argparse.Namespace) -> int:
         before = engine.issued()
         q = phase("3c quota reached", grab_url, "grab",
                   [str(granted_tokens), str(threads), "/v1/rounds/R1/grab",
-                   ",".join(BIG_VENUES), "0"])
+                   ",".join(BIG_VENUES), "0"], paired=True)
         q.note = f"{n_granted} members; {q.note}"
         if engine.issued() != before or q.statuses.get("201"):
             problems.append("quota phase issued coupons")
         # New members (tokens the workers have not verified yet), like 3a's.
         phase("3b not yet open", f"{engine.base}/v1/rounds/R2/grab", "grab",
               [str(tokens), str(threads), "/v1/rounds/R2/grab", ",".join(BIG_VENUES),
-               str(s2.next_index)])
+               str(s2.next_index)], paired=True)
         problems += engine.check() + engine.check("R2")
         if engine.issued("R2") != 0:
             problems.append("not-open phase issued coupons")
@@ -883,6 +930,7 @@ def run(args: argparse.Namespace) -> int:
                 problems.append(f"{res.phase}: a shard issued nothing: {got}")
         problems += engine.check()
     finally:
+        stop_ceiling(ceiling)
         if engine is not None:
             engine.stop()
         if external is not None:
@@ -948,10 +996,14 @@ def print_cpu_budget(results: list[Result]) -> None:
         print(f"| {r.phase:<36} | {x['wrk']:6.1f} | {x['server']:6.1f} | {x['archiver']:8.1f} | "
               f"{x['redis']:6.1f} | {total:6.1f} | {x['busy_cores']:10.2f} |")
     print()
-    print("Issue 19's targets: workers' CPU per answer / 1b's server column, rate / 1b's rate")
-    print(f"| {'phase':<36} | {'server':>6} | {'x 1b':>5} | {'target':>6} | "
-          f"{'vs 1b':>5} | {'target':>6} | {'redis':>6} |")
-    print(f"|{'-' * 38}|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 8}|")
+    print("Issue 19's targets: workers' CPU per answer / 1b's server column, rate / 1b's rate;"
+          " paired: the median over runs of each run against a 1b run just before it;"
+          " x 1c: against the 20,000-token ceiling of the earlier passes")
+    c1 = next((x for n, x in by.items() if n.startswith("1c ")), None)
+    print(f"| {'phase':<36} | {'server':>6} | {'x 1b':>5} | {'paired':>6} | {'target':>6} | "
+          f"{'vs 1b':>5} | {'paired':>6} | {'target':>6} | {'redis':>6} | {'x 1c':>5} |")
+    print(f"|{'-' * 38}|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 8}|{'-' * 7}|{'-' * 8}|{'-' * 8}|"
+          f"{'-' * 8}|{'-' * 7}|")
     for prefix, (cpu_t, rate_t) in SERVER_TARGETS.items():
         r = by.get(prefix) or next((x for n, x in by.items() if n.startswith(prefix + " ")),
                                    None)
@@ -960,8 +1012,12 @@ def print_cpu_budget(results: list[Result]) -> None:
         x = r.cpu
         ct = f"{cpu_t:.2f}" if cpu_t else "-"
         rt = f"{rate_t:.2f}" if rate_t else "-"
+        xc = f"{x['server'] / c1.cpu['server']:5.2f}" if c1 else "    -"
+        ps = f"{r.paired['server']:6.2f}" if r.paired else "     -"
+        pr = f"{r.paired['rate']:6.2f}" if r.paired else "     -"
         print(f"| {r.phase:<36} | {x['server']:6.1f} | {x['server'] / b['server']:5.2f} | "
-              f"{ct:>6} | {r.rps / base.rps:5.2f} | {rt:>6} | {x['redis']:6.1f} |")
+              f"{ps} | {ct:>6} | {r.rps / base.rps:5.2f} | {pr} | {rt:>6} | "
+              f"{x['redis']:6.1f} | {xc} |")
     print()
     print("Issue 7's targets against the CPU they allow (us per answer, at 1b's busy cores)")
     print(f"| {'phase':<36} | {'target':>6} | {'allowed':>7} | {'measured':>8} | "
@@ -1008,6 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=600_000, help="member tokens to pre-mint")
     p.add_argument("--redis-requests", type=int, default=100_000)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--no-pairs", action="store_true",
+                   help="no 1b run before each run of issue 19's phases (faster, noisier)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data)")
     p.add_argument("--redis-cluster", action="store_true",
                    help="run the engine on a local 3-primary Redis Cluster")

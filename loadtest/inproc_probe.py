@@ -205,6 +205,7 @@ async def main_async(args: argparse.Namespace) -> int:
                   "sold_out": ("engine", "/v1/rounds/R1/grab", ["VSO"]),
                   "grant": ("engine", "/v1/rounds/R1/grab", BIG)}
         results: dict[str, list[float]] = {p: [] for p in paths}
+        cycles: dict[str, list[float]] = {p: [] for p in paths}
         serial = 0
         # Warm up every path (imports, caches, the hot-path connection).
         for p in paths:
@@ -221,8 +222,14 @@ async def main_async(args: argparse.Namespace) -> int:
                                       venues[i % len(venues)]) for i in range(args.requests)]
                 serial += args.requests
                 gc.collect()
+                if args.cycles:
+                    # What only the collector could free: cyclic garbage per request.
+                    gc.disable()
                 us, _ = await drive(servers[srv_name], reqs, args.connections)
                 results[p].append(us)
+                if args.cycles:
+                    cycles[p].append(gc.collect() / len(reqs))
+                    gc.enable()
         for r in runners:
             await r.cleanup()
     finally:
@@ -236,6 +243,10 @@ async def main_async(args: argparse.Namespace) -> int:
         med = statistics.median(xs)
         print(f"| {p} | {med:.1f} | {min(xs):.1f} | {max(xs):.1f} | "
               f"{med / bare:.2f} |" if bare else f"| {p} | {med:.1f} | | | |")
+    if args.cycles:
+        print()
+        print("cyclic garbage per request (objects only the collector frees): "
+              + ", ".join(f"{p} {max(cycles[p]):.3f}" for p in paths))
     return 0
 
 
@@ -247,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.freeze() after start-up, as the workers do")
     p.add_argument("--gc-threshold", default="", help="gc.set_threshold(a,b,c): 'a,b,c'")
+    p.add_argument("--cycles", action="store_true",
+                   help="collector off while measuring; print the cyclic garbage per request")
     p.add_argument("--connections", type=int, default=64,
                    help="connections fed at once (the wire batches a loop turn's grabs)")
     args = p.parse_args(argv)

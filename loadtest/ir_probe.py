@@ -57,8 +57,10 @@ def instructions(argv: list[str], cwd: Path) -> int:
     return int(m.group(1).replace(",", ""))
 
 
-def per_request(tree: Path, path: str | None, small: int, large: int) -> float:
-    """Instructions per request of ``path`` in ``tree`` (None: the client alone)."""
+def per_request(tree: Path, path: str | None, small: int, large: int,
+                extra: list[str] = []) -> float:  # noqa: B006 - never mutated
+    """Instructions per request of ``path`` in ``tree`` (None: the client alone);
+    ``extra``: more arguments for inproc_probe.py."""
     counts = []
     for n in (small, large):
         if path is None:
@@ -66,7 +68,7 @@ def per_request(tree: Path, path: str | None, small: int, large: int) -> float:
                     str(n)]
         else:
             argv = [sys.executable, str(tree / "loadtest" / "inproc_probe.py"), "--paths",
-                    path, "--requests", str(n), "--rounds", "1", "--gc-freeze"]
+                    path, "--requests", str(n), "--rounds", "1", "--gc-freeze", *extra]
         counts.append(instructions(argv, tree))
     return (counts[1] - counts[0]) / (large - small)
 
@@ -89,7 +91,11 @@ def main() -> int:
     p.add_argument("--paths", default="bare,not_open,sold_out,grant")
     p.add_argument("--small", type=int, default=1000)
     p.add_argument("--large", type=int, default=4000)
+    p.add_argument("--probe-args", default="",
+                   help="more arguments for inproc_probe.py, e.g. '--connections 4000 "
+                        "--gc-threshold 700,10,10'")
     args = p.parse_args()
+    extra = args.probe_args.split()
     if shutil.which("valgrind") is None:
         print("ir_probe: valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
@@ -107,8 +113,8 @@ def main() -> int:
             print(f"  {name} client: {result[name]['client']:,.0f}", flush=True)
         for path in paths:
             for name, tree in trees.items():
-                result[name][path] = per_request(tree, path, args.small,
-                                                 args.large) - result[name]["client"]
+                result[name][path] = per_request(tree, path, args.small, args.large,
+                                                 extra) - result[name]["client"]
                 print(f"  {name} {path}: {result[name][path]:,.0f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import statistics
@@ -44,6 +45,8 @@ from bench import (  # noqa: E402
     WRK_GRAB,
     Engine,
     Result,
+    children_cpu,
+    role_cpu,
     run_wrk,
     start_ceiling,
     write_tokens,
@@ -63,6 +66,10 @@ class Row:
     p50_ms: float
     p99_ms: float
     mean_ms: float
+    # CPU microseconds per answer: the load generator's, and the server's (workers or the
+    # ceiling app): where a crowd's extra cost per answer falls.
+    wrk_us: float = 0.0
+    server_us: float = 0.0
 
     @property
     def tail(self) -> float:
@@ -82,6 +89,7 @@ def raise_nofile(want: int) -> int:
 def row_of(path: str, conns: int, runs: list[Result]) -> Row:
     """Medians over the runs of one cell."""
     rps = statistics.median(x.rps for x in runs)
+    cpu = [x.cpu for x in runs if x.cpu]
     shed = statistics.median(x.statuses.get("503", 0) for x in runs)
     answered = [x.rps * (1 - x.statuses.get("503", 0) / max(x.requests, 1)) for x in runs]
     return Row(path, conns, rps, statistics.median(answered), int(shed),
@@ -89,7 +97,9 @@ def row_of(path: str, conns: int, runs: list[Result]) -> Row:
                int(statistics.median(x.errors for x in runs)),
                statistics.median(x.p50_ms for x in runs),
                statistics.median(x.p99_ms for x in runs),
-               conns / rps * 1000 if rps else 0.0)
+               conns / rps * 1000 if rps else 0.0,
+               statistics.median(c["wrk"] for c in cpu) if cpu else 0.0,
+               statistics.median(c["server"] for c in cpu) if cpu else 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,13 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     engine: Engine | None = None
     ceiling: list[Any] = []
 
-    def cell(path: str, base: str, rid: str, conns: int, tokens: Path, start: int) -> int:
+    def cell(path: str, base: str, rid: str, conns: int, tokens: Path, start: int,
+             pids: list[int]) -> int:
         runs = []
         for _ in range(args.repeat):
+            cpu0, wrk0 = role_cpu(pids), children_cpu()
             res = run_wrk(f"{path} c{conns}", f"{base}/v1/rounds/{rid}/grab", script,
                           [str(tokens), str(args.wrk_threads), f"/v1/rounds/{rid}/grab",
                            ",".join(BIG_VENUES), str(start)],
                           conns, args.wrk_threads, args.duration)
+            cpu1, wrk1 = role_cpu(pids), children_cpu()
+            if res.requests:
+                res.cpu = {"wrk": (wrk1 - wrk0) / res.requests * 1e6,
+                           "server": (cpu1["server"] - cpu0["server"]) / res.requests * 1e6}
             start = res.next_index
             runs.append(res)
             time.sleep(1)  # let the closed connections drain between runs
@@ -132,34 +148,39 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"  {path} c={conns}: {row.rps:,.0f}/s goodput {row.goodput:,.0f}/s "
               f"503s {row.shed} timeouts {row.timeouts} p99 {row.p99_ms:.0f} ms "
-              f"mean {row.mean_ms:.0f} ms", flush=True)
+              f"mean {row.mean_ms:.0f} ms; CPU us/answer wrk {row.wrk_us:.1f} server "
+              f"{row.server_us:.1f}", flush=True)
         return start
 
     try:
         print(f"overload: {args.workers} workers on {args.event_loop}, {args.wrk_threads} wrk"
               f" threads, {args.duration} s x{args.repeat} per cell", flush=True)
+        # One token file for every path: the load generator's cost per request depends
+        # on how many tokens it holds (docs/benchmarks.md, issue 19 fourth pass).
+        member_secret = secrets.token_urlsafe(32)
+        tokens = tmp / "tokens.txt"
+        write_tokens(tokens, member_secret, args.tokens)
         if "bare" in paths:
             port = free_port()
             ceiling = start_ceiling(port, args.workers, args.event_loop)
-            bare_tokens = tmp / "bare-tokens.txt"
-            write_tokens(bare_tokens, "overload-bare-secret-0123456789abcdef", 20_000)
             for conns in crowds:
-                cell("bare", f"http://127.0.0.1:{port}", "R1", conns, bare_tokens, 0)
+                cell("bare", f"http://127.0.0.1:{port}", "R1", conns, tokens, 0,
+                     [p.pid for p in ceiling])
             for proc in ceiling:
                 if proc.pid is not None:
                     os.kill(proc.pid, signal.SIGTERM)
                 proc.join(10)
             ceiling = []
-        engine = Engine(tmp, args.workers, env={"COUPON_EVENT_LOOP": args.event_loop})
-        tokens = tmp / "tokens.txt"
-        write_tokens(tokens, engine.member_secret, args.tokens)
+        engine = Engine(tmp, args.workers, env={"COUPON_EVENT_LOOP": args.event_loop},
+                        member_secret=member_secret)
         start = 0
         for path in paths:
             if path == "bare":
                 continue
             rid = "R2" if path == "refusal" else "R1"
             for conns in crowds:
-                start = cell(path, engine.base, rid, conns, tokens, start)
+                start = cell(path, engine.base, rid, conns, tokens, start,
+                             [engine.proc.pid])
     finally:
         for proc in ceiling:
             if proc.pid is not None:
@@ -171,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print()
     print("| path | connections | answers/s | goodput/s | vs smallest | 503s | timeouts |"
-          " p50 ms | p99 ms | mean ms | p99/mean |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          " p50 ms | p99 ms | mean ms | p99/mean | wrk us | server us |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for path in paths:
         base = next(r.goodput for r in rows if r.path == path)
         for r in (r for r in rows if r.path == path):
             print(f"| {r.path} | {r.connections:,} | {r.rps:,.0f} | {r.goodput:,.0f} | "
                   f"{r.goodput / base:.2f} | {r.shed} | {r.timeouts} | {r.p50_ms:.1f} | "
-                  f"{r.p99_ms:.1f} | {r.mean_ms:.1f} | {r.tail:.2f} |")
+                  f"{r.p99_ms:.1f} | {r.mean_ms:.1f} | {r.tail:.2f} | {r.wrk_us:.1f} | "
+                  f"{r.server_us:.1f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))

@@ -14,6 +14,8 @@ server processes' CPU (user + system, from /proc) is divided by the answers:
 - ``minimal``: what issue 19 calls the minimal refusing handler: verify the member
   token with the engine's own verifier (never seen before), decode the body with
   msgspec, look the round up in a dict, answer a pre-encoded 409.
+- ``bare20k`` (on request): ``bare`` sent from a file of 20,000 tokens instead of
+  ``--tokens``: what the load generator's token table costs both sides (bench.py's 1c).
 - ``engine``: ``coupon-engine serve`` answering 409 round_not_open (the round opens
   tomorrow), which needs no Redis call.
 
@@ -89,7 +91,7 @@ def _app_worker(port: int, variant: str) -> None:
         return web.Response(body=refusal, status=409, content_type="application/json")
 
     handlers = {"bare": bare, "minimal": minimal, "read": read_only, "jwt": jwt_only,
-                "s409": status_409}
+                "s409": status_409, "bare20k": bare}
 
     app = web.Application()
     app.router.add_post("/v1/rounds/{round_id}/grab", handlers[variant])
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 apps[v] = AppVariant(v, args.workers)
         probe_tokens = tmp / "probe-tokens.txt"
         write_tokens(probe_tokens, SECRET, args.tokens)
+        small_tokens = tmp / "small-tokens.txt"
+        if "bare20k" in variants:
+            write_tokens(small_tokens, SECRET, 20_000)
         engine_tokens = tmp / "engine-tokens.txt"
         if engine is not None:
             write_tokens(engine_tokens, engine.member_secret, args.tokens)
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     assert engine is not None
                     pids, base, tokens = [engine.proc.pid], engine.base, engine_tokens
                 else:
-                    pids, base, tokens = apps[v].pids(), apps[v].base, probe_tokens
+                    pids, base = apps[v].pids(), apps[v].base
+                    tokens = small_tokens if v == "bare20k" else probe_tokens
                 us, rps, start[v] = measure(base, pids, script, tokens, start[v],
                                             args.connections, args.duration)
                 results[v].append((us, rps))

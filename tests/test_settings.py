@@ -79,6 +79,9 @@ def test_an_environment_value_that_is_not_a_number_is_one_line(tmp_path: Path) -
     ("COUPON_LOG_LEVEL", "loud", "not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("COUPON_ARCHIVER", "maybe", "not one of 1/0"),
     ("COUPON_EVENT_LOOP", "trio", "not one of uvloop, asyncio"),
+    ("COUPON_GC_THRESHOLDS", "700,10", "must be three integers a,b,c"),
+    ("COUPON_GC_THRESHOLDS", "0,10,10", "must be 100..10000000, 1..1000, 1..1000"),
+    ("COUPON_GC_THRESHOLDS", "50000,20,0", "must be 100..10000000, 1..1000, 1..1000"),
     ("COUPON_REDIS_CLUSTER", "2", "not one of 1/0"),
     ("COUPON_ALLOW_UNSAFE_REDIS", "sure", "not one of 1/0"),
     ("COUPON_ALLOW_WEAK_SECRETS", "y", "not one of 1/0"),
@@ -118,6 +121,7 @@ def test_every_variable_of_the_table_is_read() -> None:
            "COUPON_CLIENT_TIMEOUT": "5", "COUPON_KEEPALIVE_TIMEOUT": "30",
            "COUPON_MAX_CONNECTIONS": "500", "COUPON_MEMBER_JWT_LEEWAY": "0",
            "COUPON_METRICS_TOKEN": "m3trics", "COUPON_EVENT_LOOP": "AsyncIO",
+           "COUPON_GC_THRESHOLDS": "700, 10,10",
            "COUPON_ADMIN_TOKENS": "alice:0123456789abcdef,bob:fedcba9876543210"}
     assert set(env) == {o.env for o in OPTIONS}
     s = from_env(env)
@@ -129,6 +133,7 @@ def test_every_variable_of_the_table_is_read() -> None:
         archiver=False, log_level="WARNING", progress_after_s=0.0, redis_pool_size=64,
         client_timeout_s=5.0, keepalive_timeout_s=30.0, max_connections=500,
         member_jwt_leeway_s=0.0, metrics_token="m3trics", event_loop="asyncio",
+        gc_thresholds=(700, 10, 10),
         admin_tokens=(("alice", "0123456789abcdef"), ("bob", "fedcba9876543210")))
     assert from_env({}) == Settings()
 
@@ -168,3 +173,22 @@ def test_version_and_unknown_flags(tmp_path: Path) -> None:
     refused(cli(tmp_path, "serve", *NOWHERE, "--prot", "8080"), "unrecognized arguments: --prot")
     refused(cli(tmp_path, "reconcile", "--venue", "V01"), "reconcile: the following arguments"
             " are required: --claims")
+
+
+def test_a_worker_sizes_the_collector_from_its_settings() -> None:
+    """The worker's start-up applies COUPON_GC_THRESHOLDS (and freezes what start-up
+    built); the default is the crowd's, not CPython's 700."""
+    import gc
+
+    from engine.http.worker import tune_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_collector(Settings())
+        assert gc.get_threshold() == (50_000, 20, 10)
+        assert gc.get_freeze_count() > 0
+        tune_collector(from_env({"COUPON_GC_THRESHOLDS": "1234,5,6"}))
+        assert gc.get_threshold() == (1234, 5, 6)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
