@@ -486,6 +486,14 @@ class Engine:
         self.log.close()
 
 
+def table_head(*columns: str) -> None:
+    """A blank line, then a markdown table's header: the first column left, the
+    figures right-aligned."""
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * (len(columns) - 1))
+
+
 def role_cpu(pids: list[int]) -> dict[str, float]:
     """CPU seconds of ``pids`` and their descendants by role: ``redis`` (a redis-server
     the engine started), ``archiver`` (the one process run at a raised niceness) and

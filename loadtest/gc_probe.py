@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BIG_VENUES, WRK_GRAB, Engine, role_cpu, run_wrk, write_tokens  # noqa: E402
+import bench  # noqa: E402
 from overload import raise_nofile  # noqa: E402
 
 
@@ -48,20 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile(max(crowds) + 1024)
     tmp = Path(tempfile.mkdtemp(prefix="coupon-gc-probe-"))
     script = tmp / "grab.lua"
-    script.write_text(WRK_GRAB)
+    script.write_text(bench.WRK_GRAB)
     secret = secrets.token_urlsafe(32)
     tokens = tmp / "tokens.txt"
-    write_tokens(tokens, secret, args.tokens)
+    bench.write_tokens(tokens, secret, args.tokens)
     rid = "R2" if args.path == "refusal" else "R1"
     url_path = f"/v1/rounds/{rid}/grab"
-    engines: dict[str, Engine] = {}
+    venues = ",".join(bench.BIG_VENUES)
+    engines: dict[str, bench.Engine] = {}
     cells: dict[tuple[str, int], list[tuple[float, float, int, float]]] = {}
     try:
         for i, v in enumerate(variants):
             home = tmp / f"engine-{i}"
             home.mkdir()
-            engines[v] = Engine(home, args.workers, env={"COUPON_GC_THRESHOLDS": v},
-                                member_secret=secret)
+            engines[v] = bench.Engine(home, args.workers, env={"COUPON_GC_THRESHOLDS": v},
+                                      member_secret=secret)
         start = 0
         for rep in range(args.repeat):
             order = list(engines.items())
@@ -69,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                 order.reverse()
             for conns in crowds:
                 for v, engine in order:
-                    before = role_cpu([engine.proc.pid])["server"]
-                    res = run_wrk(v, engine.base + url_path, script,
-                                  [str(tokens), "2", url_path, ",".join(BIG_VENUES), str(start)],
+                    before = bench.role_cpu([engine.proc.pid])["server"]
+                    res = bench.run_wrk(v, engine.base + url_path, script,
+                                  [str(tokens), "2", url_path, venues, str(start)],
                                   conns, 2, args.duration)
-                    us = (role_cpu([engine.proc.pid])["server"] - before) / max(
+                    us = (bench.role_cpu([engine.proc.pid])["server"] - before) / max(
                         res.requests, 1) * 1e6
                     start = res.next_index
                     cells.setdefault((v, conns), []).append(
@@ -86,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines.values():
             engine.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print()
-    print("| COUPON_GC_THRESHOLDS | connections | answers/s | workers us/answer | timeouts |"
-          " p99 ms | p99/mean | goodput vs smallest |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    bench.table_head("COUPON_GC_THRESHOLDS", "connections", "answers/s", "workers us/answer",
+               "timeouts", "p99 ms", "p99/mean", "goodput vs smallest")
     for v in variants:
         base = statistics.median(x[0] for x in cells[(v, crowds[0])])
         for conns in crowds:

@@ -49,6 +49,7 @@ from bench import (  # noqa: E402
     role_cpu,
     run_wrk,
     start_ceiling,
+    table_head,
     write_tokens,
 )
 from support import free_port  # noqa: E402
@@ -190,10 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.stop()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    print()
-    print("| path | connections | answers/s | goodput/s | vs smallest | 503s | timeouts |"
-          " p50 ms | p99 ms | mean ms | p99/mean | wrk us | server us |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table_head("path", "connections", "answers/s", "goodput/s", "vs smallest", "503s",
+               "timeouts", "p50 ms", "p99 ms", "mean ms", "p99/mean", "wrk us", "server us")
     for path in paths:
         base = next(r.goodput for r in rows if r.path == path)
         for r in (r for r in rows if r.path == path):
